@@ -1,0 +1,51 @@
+"""Layer rules: one small file per layer family, dispatched by exact module type.
+
+``default_rules()`` returns a fresh ``{type: LayerRule}`` dict; nothing is registered at import.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+from torch import nn
+
+from ._base import LayerRule, fold_groups, sq_from_grads, sum_groups
+from .conv import CONV_RULE
+from .embedding import EMBEDDING_RULE
+from .fallback import fallback_grads
+from .linear import LINEAR_RULE
+from .norm import BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE
+
+__all__ = ["LayerRule", "default_rules", "merge_rules", "fallback_grads", "fold_groups",
+           "sum_groups", "sq_from_grads"]
+
+
+def default_rules() -> Dict[type, LayerRule]:
+    """The built-in ``{module type: rule}`` mapping (exact types; subclasses use the fallback)."""
+    norm_eval = {t: BATCH_NORM_EVAL_RULE for t in (
+        nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)}
+    return {
+        nn.Linear: LINEAR_RULE,
+        nn.Conv1d: CONV_RULE, nn.Conv2d: CONV_RULE, nn.Conv3d: CONV_RULE,
+        nn.Embedding: EMBEDDING_RULE,
+        nn.LayerNorm: LAYER_NORM_RULE,
+        nn.GroupNorm: GROUP_NORM_RULE,
+        **norm_eval,
+    }
+
+
+def merge_rules(extra: Optional[Mapping[type, LayerRule]], allow_override: bool = False,
+                ) -> Dict[type, LayerRule]:
+    """Defaults extended by ``extra``; replacing a built-in rule needs ``allow_override=True``."""
+    rules = default_rules()
+    for typ, rule in (extra or {}).items():
+        if not isinstance(typ, type) or not issubclass(typ, nn.Module):
+            raise TypeError(f"rules keys must be nn.Module subclasses, got {typ!r}")
+        if not isinstance(rule, LayerRule):
+            raise TypeError(f"rule for {typ.__name__} must be a curvreg.rules.LayerRule, got "
+                            f"{type(rule).__name__}")
+        if typ in rules and not allow_override:
+            raise ValueError(f"a built-in rule for {typ.__name__} exists; pass "
+                             "allow_override=True to replace it")
+        rules[typ] = rule
+    return rules

@@ -1,0 +1,63 @@
+"""The rule protocol shared by every layer family.
+
+Definitions (used by every rule): for example i with loss l_i, g_i = d l_i / d theta (not
+divided by N). With ``group`` = m > 1 the examples are split into G = N / m disjoint groups of m
+consecutive examples, and a rule returns the *unscaled* group sums S_k = sum_{i in group k} g_i;
+the tape divides by m to obtain the gradient of the group-mean loss.
+
+A rule sees one call of one module: the positional ``inputs`` of that call, and ``grad_output``,
+the gradient of sum_i l_i with respect to the call's output. Because l_i depends on example i
+only, the slice ``grad_output[i]`` is d l_i / d output_i.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+GradsFn = Callable[[nn.Module, Sequence, object, Sequence[str], int], Dict[str, Tensor]]
+SqNormsFn = Callable[[nn.Module, Sequence, object, Sequence[str], int], Tensor]
+
+
+class LayerRule(NamedTuple):
+    """Per-example gradient rule for one layer family.
+
+    Attributes:
+        grads: ``(layer, inputs, grad_output, names, group) -> {name: [G, *param.shape]}``, the
+            per-group gradient sums S_k of each parameter in ``names``.
+        sq_norms: optional ``(layer, inputs, grad_output, names, group) -> [G]``, the value
+            sum_{p in names} ||S_k(p)||^2 computed without materializing S_k (the "ghost norm").
+            When ``None`` the tape squares the output of ``grads``.
+    """
+
+    grads: GradsFn
+    sq_norms: Optional[SqNormsFn] = None
+
+
+def fold_groups(t: Tensor, group: int) -> Tensor:
+    """Reshape ``[N, T, ...]`` to ``[N // group, group * T, ...]``.
+
+    A group of m examples behaves like one example whose positions are the m examples' positions
+    concatenated, which is how every ghost-norm rule supports ``group_size``.
+    """
+    if group == 1:
+        return t
+    return t.reshape(t.shape[0] // group, group * t.shape[1], *t.shape[2:])
+
+
+def sum_groups(t: Tensor, group: int) -> Tensor:
+    """Sum ``[N, ...]`` over disjoint groups of ``group`` consecutive rows -> ``[N // group, ...]``."""
+    if group == 1:
+        return t
+    return t.reshape(t.shape[0] // group, group, *t.shape[1:]).sum(1)
+
+
+def sq_from_grads(grads: Dict[str, Tensor]) -> Tensor:
+    """sum_p ||S_k(p)||^2 from materialized per-group gradients."""
+    return sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+
+
+def gram_sq_norm(a: Tensor, b: Tensor) -> Tensor:
+    """||sum_t b_t a_t^T||_F^2 = sum_{t,s} <a_t,a_s><b_t,b_s> for ``a: [G, T, p]``, ``b: [G, T, q]``."""
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))

@@ -1,0 +1,111 @@
+"""Rule for ``nn.Conv1d/2d/3d`` (stride, padding incl. 'same' and non-zero modes, dilation,
+groups, optional bias).
+
+With U_i the unfolded input patches of example i (``[C_in/g * K, L]`` per group, K kernel
+taps, L output positions) and delta_i the output gradient (``[C_out/g, L]`` per group), the
+per-example weight gradient is g_i = delta_i U_i^T, summed over the g groups' blocks:
+    Gram form          sum_{l,l'} (U_i^T U_i)_{l l'} (delta_i^T delta_i)_{l l'}   ~ L^2 (C_in K + C_out)
+    materialized form  ||delta_i U_i^T||_F^2                                    ~ L C_out C_in K / g
+`use_gram` picks the cheaper per call; only the current layer is ever unfolded. The bias
+gradient is sum_l delta_{i,:,l}.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import LayerRule, gram_sq_norm
+
+_ConvNd = nn.modules.conv._ConvNd
+
+
+def use_gram(positions: int, ck: int, c_out: int, groups: int) -> bool:
+    """True when the Gram form costs fewer flops than materializing per-example weights."""
+    return positions * (ck + c_out) * groups < ck * c_out
+
+
+def _explicit_padding(layer: _ConvNd) -> list:
+    """Padding as an ``F.pad`` list (last dim first), resolving ``padding='same'``."""
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return [0, 0] * len(layer.kernel_size)
+        pads = []
+        for d, k in zip(reversed(layer.dilation), reversed(layer.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    return [p for p in reversed(layer.padding) for _ in range(2)]
+
+
+def unfold_patches(layer: _ConvNd, x: Tensor) -> Tensor:
+    """Input patches ``[N, C_in * K, L]`` in the channel-major order of ``weight.flatten(1)``."""
+    pads = _explicit_padding(layer)
+    if any(pads):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    nd = len(layer.kernel_size)
+    if nd == 1:
+        return F.unfold(x.unsqueeze(2), (1, *layer.kernel_size), dilation=(1, *layer.dilation),
+                        stride=(1, *layer.stride))
+    if nd == 2:
+        return F.unfold(x, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)
+    # 3-D: im2col as a depthwise convolution with one-hot kernels.
+    k = math.prod(layer.kernel_size)
+    c = x.shape[1]
+    eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *layer.kernel_size)
+    cols = F.conv3d(x, eye.repeat(c, 1, 1, 1, 1), stride=layer.stride, dilation=layer.dilation,
+                    groups=c)
+    return cols.reshape(x.shape[0], c * k, -1)
+
+
+def _group_blocks(layer: _ConvNd, x: Tensor, grad_output: Tensor, group: int):
+    """Patches ``[G, g, CK/g, m*L]`` and output grads ``[G, g, C_out/g, m*L]``."""
+    g = layer.groups
+    u = unfold_patches(layer, x)
+    n, ck, length = u.shape
+    d = grad_output.reshape(n, g, -1, length)
+    u = u.reshape(n, g, ck // g, length)
+    if group > 1:
+        cout = d.shape[2]
+        u = u.reshape(n // group, group, g, ck // g, length).permute(0, 2, 3, 1, 4)
+        d = d.reshape(n // group, group, g, cout, length).permute(0, 2, 3, 1, 4)
+        u = u.reshape(n // group, g, ck // g, group * length)
+        d = d.reshape(n // group, g, cout, group * length)
+    return u, d
+
+
+def conv_sq_norms(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
+                  names: Sequence[str], group: int) -> Tensor:
+    out = grad_output.new_zeros(grad_output.shape[0] // group)
+    if "bias" in names:
+        b = grad_output.flatten(2).sum(2)  # [N, C_out]
+        out = out + (b if group == 1 else b.reshape(-1, group, b.shape[1]).sum(1)).pow(2).sum(1)
+    if "weight" not in names:
+        return out
+    u, d = _group_blocks(layer, inputs[0], grad_output, group)
+    G, g, ck, length = u.shape
+    if use_gram(length, ck, d.shape[2], g):
+        u = u.transpose(2, 3).reshape(G * g, length, ck)
+        d = d.transpose(2, 3).reshape(G * g, length, d.shape[2])
+        return out + gram_sq_norm(u, d).reshape(G, g).sum(1)
+    return out + torch.matmul(d, u.transpose(2, 3)).pow(2).sum((1, 2, 3))
+
+
+def conv_grads(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
+               names: Sequence[str], group: int) -> Dict[str, Tensor]:
+    grads = {}
+    if "weight" in names:
+        u, d = _group_blocks(layer, inputs[0], grad_output, group)
+        w = torch.matmul(d, u.transpose(2, 3))  # [G, g, C_out/g, CK/g]
+        grads["weight"] = w.reshape(w.shape[0], *layer.weight.shape)
+    if "bias" in names:
+        b = grad_output.flatten(2).sum(2)
+        grads["bias"] = b if group == 1 else b.reshape(-1, group, b.shape[1]).sum(1)
+    return grads
+
+
+CONV_RULE = LayerRule(grads=conv_grads, sq_norms=conv_sq_norms)

@@ -1,0 +1,333 @@
+"""GradNormTape: exact, differentiable per-example squared gradient norms.
+
+Definitions used throughout curvreg. For a batch of N examples with per-example losses l_i,
+    g_i = d l_i / d theta            (the gradient of example i's loss, *not* divided by N)
+    R   = mean_i ||g_i||^2           (the curvature penalty; the empirical Fisher trace)
+where theta ranges over every parameter with ``requires_grad=True`` that the forward used.
+With ``group_size = m`` the N examples form N/m disjoint groups of m consecutive examples and
+    sq_k = || d/dtheta mean_{i in group k} l_i ||^2,
+so m = 1 is the per-example penalty of Geng et al. and m = N the squared full-batch gradient norm.
+
+How: during the forward the tape records, for each module call that uses a trainable parameter,
+its inputs and output y. Afterwards one ``autograd.grad`` of sum_i l_i gives delta = dL/dy for
+all recorded outputs; slice i of delta is d l_i / d y_i because examples do not interact. Each
+layer rule turns (inputs, delta) into sum_p ||g_i(p)||^2, e.g. ||delta_i||^2 ||x_i||^2 for a
+linear layer (the "ghost norm"), without forming g_i. Every op is differentiable, so
+``(losses.mean() + alpha * sq.mean()).backward()`` is exact double backprop.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
+
+
+class FallbackWarning(UserWarning):
+    """Some modules have no exact rule and use the slower per-example VJP fallback."""
+
+
+class _Call:
+    """One recorded call of a module that used trainable parameters."""
+
+    __slots__ = ("module", "path", "args", "kwargs", "outputs", "versions", "names")
+
+    def __init__(self, module, path, args, kwargs, outputs, names):
+        self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
+        self.outputs, self.names = outputs, names
+        self.versions = [t._version for t in self._tensors()]
+
+    def _tensors(self):
+        flat = tree_flatten((self.args, self.kwargs))[0]
+        return [t for t in flat if isinstance(t, Tensor)] + list(self.outputs)
+
+    def check_versions(self):
+        if any(t._version != v for t, v in zip(self._tensors(), self.versions)):
+            raise RuntimeError(
+                f"an input or output of module '{self.path}' was modified in place after its "
+                "forward (for example by nn.ReLU(inplace=True)); per-example gradients would be "
+                "wrong. Use out-of-place ops (inplace=False) in the taped model.")
+
+
+class _UsageMode(TorchFunctionMode):
+    """Sees every torch op of the forward, to learn which module call used which parameter."""
+
+    def __init__(self, tape: "GradNormTape"):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.tape._recording:
+            self.tape._on_op(args, kwargs, out)
+        return out
+
+
+def _float_tensors(obj) -> List[Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _path(paths: Dict[int, str], module: nn.Module) -> str:
+    return paths.get(id(module)) or "<root>"
+
+
+def _mixing_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` mixes examples in its current mode, or None."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training:
+            return "is a BatchNorm in training mode, whose batch statistics mix examples"
+        if module.running_mean is None:
+            return "is a BatchNorm without running statistics, which mixes examples even in eval"
+    return None
+
+
+class GradNormTape:
+    """Scope that records a forward pass and returns per-example squared gradient norms.
+
+    Example:
+        >>> with curvreg.GradNormTape(model) as tape:
+        ...     logits = model(x)
+        >>> losses = F.cross_entropy(logits, y, reduction="none")      # [N]
+        >>> sq = tape.per_example_sq_grad_norms(losses)                # [N], differentiable
+        >>> (losses.mean() + alpha * sq.mean()).backward()
+
+    Args:
+        model: any ``nn.Module``; examples must be independent along dim 0 of every recorded
+            module input and output.
+        rules: extra ``{module type: LayerRule}`` entries, looked up by exact type. Modules with
+            parameters and no rule use the exact ``torch.func`` fallback (with a warning).
+        allow_override: let ``rules`` replace a built-in rule.
+        group_size: m; see the module docstring. Must divide the batch size.
+
+    The tape registers hooks only inside ``with``; they are removed on exit, even after an
+    exception. It stores nothing on modules or parameters and never changes train/eval mode.
+    """
+
+    def __init__(self, model: nn.Module, *, rules: Optional[Mapping[type, LayerRule]] = None,
+                 allow_override: bool = False, group_size: int = 1):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradNormTape needs an nn.Module, got {type(model).__name__}")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        self.model, self.group_size = model, group_size
+        self.rules = merge_rules(rules, allow_override)
+        self._handles: list = []
+        self._mode: Optional[_UsageMode] = None
+        self._recording = False
+        self._reset()
+
+    # ----------------------------------------------------------------- recording
+    def _reset(self):
+        self._calls: List[_Call] = []
+        self._outside: List[tuple] = []  # (param name, op output) for uses outside any module
+        self._stack: List[list] = []
+        self._n: Optional[int] = None
+
+    def __enter__(self) -> "GradNormTape":
+        if self._mode is not None:
+            raise RuntimeError("this GradNormTape is already active; tapes do not nest")
+        self._params = {id(p): (n, p) for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self._params:
+            raise ValueError("nothing to differentiate: the model has no parameter with "
+                             "requires_grad=True")
+        self._paths = {id(m): p for p, m in self.model.named_modules()}
+        for path, module in self.model.named_modules():
+            reason = _mixing_reason(module)
+            if reason:
+                raise ValueError(_mixing_message(path or "<root>", type(module).__name__, reason))
+        self._reset()
+        self._local: Dict[int, Dict[int, str]] = {}
+        try:
+            for module in self.model.modules():
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+            self._mode = _UsageMode(self)
+            self._mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        self._recording = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._recording = False
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+        self._remove()
+
+    def _remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles, self._mode, self._stack = [], None, []
+
+    def _pre_hook(self, module, args):
+        if not self._recording:
+            return
+        reason = _mixing_reason(module)
+        if reason:
+            raise ValueError(_mixing_message(_path(self._paths, module), type(module).__name__, reason))
+        if module is self.model:
+            self._check_batch(args)
+        self._stack.append([module, set()])
+
+    def _check_batch(self, args):
+        first = next((t for t in tree_flatten(args)[0] if isinstance(t, Tensor) and t.dim()), None)
+        if first is None:
+            return
+        n = first.shape[0]
+        if self._n is not None and n != self._n:
+            raise ValueError(f"the model's forward ran twice inside one tape with different batch "
+                             f"sizes ({self._n}, then {n}); use one tape per forward pass")
+        self._n = n
+
+    def _post_hook(self, module, args, kwargs, output):
+        if not self._recording or not self._stack or self._stack[-1][0] is not module:
+            return
+        _, used = self._stack.pop()
+        if used:
+            outputs = [t for t in _float_tensors(output) if t.requires_grad]
+            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, outputs,
+                                     sorted(used)))
+
+    def _on_op(self, args, kwargs, out):
+        for a in tree_flatten((args, kwargs))[0]:
+            entry = self._params.get(id(a)) if isinstance(a, nn.Parameter) else None
+            if entry is None:
+                continue
+            if not self._stack:
+                self._outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
+                continue
+            module, used = self._stack[-1]
+            local = self._local.get(id(module))
+            if local is None:
+                local = {id(p): n for n, p in module.named_parameters()}
+                self._local[id(module)] = local
+            name = local.get(id(a))
+            if name is None:
+                raise ValueError(f"module '{_path(self._paths, module)}' uses parameter "
+                                 f"'{entry[0]}', which belongs to neither it nor its children; "
+                                 "per-example gradients of that use cannot be attributed. "
+                                 "Move the parameter into the module that uses it.")
+            used.add(name)
+
+    # ----------------------------------------------------------------- computing
+    def per_example_sq_grad_norms(self, losses: Tensor, *, create_graph: bool = True) -> Tensor:
+        """Per-example (or per-group) squared gradient norms of ``losses``.
+
+        Args:
+            losses: ``[N]``, one loss per example (``reduction="none"``), from the taped forward.
+            create_graph: keep the result differentiable (default). ``False`` returns the same
+                values detached, at lower cost.
+
+        Returns:
+            ``[N // group_size]`` tensor; entry k is ||d/dtheta mean_{i in group k} l_i||^2
+            (so ||g_i||^2 for group_size 1). Not scaled by 1/N.
+        """
+        self._check_losses(losses)
+        n, m = losses.shape[0], self.group_size
+        calls = [c for c in self._calls if c.outputs]
+        for c in calls:
+            c.check_versions()
+        outs = [o for c in calls for o in c.outputs] + [t for _, t in self._outside]
+        if not outs:
+            raise ValueError("nothing to differentiate: the taped forward used no trainable "
+                             "parameter; run the model's forward inside `with tape:`")
+        deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
+                                          create_graph=create_graph, allow_unused=True))
+        for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
+            if d is not None:
+                raise ValueError(f"parameter '{name}' is used outside the forward of any module "
+                                 "of the taped model; wrap that computation in a module")
+        per_call = []
+        for c in calls:
+            per_call.append(deltas[:len(c.outputs)])
+            del deltas[:len(c.outputs)]
+        live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
+        if not live:
+            raise ValueError("losses was not produced from the taped forward: it does not depend "
+                             "on any recorded module output")
+        with torch.set_grad_enabled(create_graph):
+            total = self._accumulate(live, n)
+        return total / (m * m)
+
+    def _check_losses(self, losses):
+        if not isinstance(losses, Tensor):
+            raise TypeError(f"losses must be a Tensor, got {type(losses).__name__}")
+        if not losses.is_floating_point():
+            raise TypeError(f"losses must have a floating-point dtype, got {losses.dtype}")
+        if losses.dim() != 1:
+            raise ValueError(f"losses must have shape [N] (one loss per example, e.g. "
+                             f"reduction='none'), got shape {tuple(losses.shape)}")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("per_example_sq_grad_norms was called under torch.no_grad(); "
+                               "gradients are needed. Call it outside no_grad (use "
+                               "create_graph=False for a cheaper detached value)")
+        if not losses.requires_grad:
+            raise ValueError("losses does not require grad: it was not produced from the taped "
+                             "forward, or the forward ran under no_grad")
+        n = losses.shape[0]
+        if self._n is not None and n != self._n:
+            raise ValueError(f"losses has {n} entries but the taped forward had batch size "
+                             f"{self._n}")
+        if n % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide the batch size {n}")
+
+    def _accumulate(self, live, n: int) -> Tensor:
+        m = self.group_size
+        owners = Counter()
+        for c, _ in live:
+            for name in c.names:
+                owners[id(c.module.get_parameter(name))] += 1
+        total, shared, fallbacks = None, {}, []
+        for c, d in live:
+            single = [k for k in c.names if owners[id(c.module.get_parameter(k))] == 1]
+            multi = [k for k in c.names if k not in single]
+            rule = self.rules.get(type(c.module))
+            direct = {k for k, _ in c.module.named_parameters(recurse=False)}
+            if rule is not None and set(c.names) <= direct and len(d) == 1:
+                delta = d[0]
+                if delta.shape[0] != n:
+                    raise ValueError(f"module '{c.path}' ({type(c.module).__name__}) produced an "
+                                     f"output with leading dim {delta.shape[0]}, not the batch "
+                                     f"size {n}; keep the example dimension first and unmerged")
+                if single:
+                    sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, c.args, delta, single, m)
+                    total = sq if total is None else total + sq
+                grads = rule.grads(c.module, c.args, delta, multi, m) if multi else {}
+            else:
+                fallbacks.append(f"{c.path} ({type(c.module).__name__})")
+                grads = fallback_grads(c.module, c.path, c.args, c.kwargs, c.outputs, d,
+                                       c.names, m, n)
+                single_grads = {k: v for k, v in grads.items() if k in single}
+                if single_grads:
+                    sq = sq_from_grads(single_grads)
+                    total = sq if total is None else total + sq
+                grads = {k: v for k, v in grads.items() if k not in single}
+            for k, g in grads.items():
+                key = id(c.module.get_parameter(k))
+                shared[key] = g if key not in shared else shared[key] + g
+        if shared:
+            sq = sq_from_grads(shared)
+            total = sq if total is None else total + sq
+        if fallbacks:
+            warnings.warn("curvreg: no exact rule for these modules; using the per-example "
+                          "torch.func fallback (slower): " + ", ".join(sorted(set(fallbacks))),
+                          FallbackWarning, stacklevel=3)
+        return total
+
+
+def _sq_via_grads(rule: LayerRule):
+    return lambda *a: sq_from_grads(rule.grads(*a))
+
+
+def _mixing_message(path: str, kind: str, reason: str) -> str:
+    return (f"module '{path}' ({kind}) {reason}, so per-example gradients are undefined. Use "
+            "GroupNorm/LayerNorm instead, put the BatchNorm in eval mode (model.eval() or "
+            "module.eval()) before the taped forward, or freeze its statistics.")

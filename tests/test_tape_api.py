@@ -1,0 +1,232 @@
+"""Scope hygiene and every error path of GradNormTape."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvreg
+from curvreg.rules import LayerRule
+
+from models import build, ce
+
+
+def hooks_of(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def attrs_of(model):
+    return [sorted(vars(m)) for m in model.modules()] + [sorted(vars(p)) for p in model.parameters()]
+
+
+def test_scope_leaves_no_state_and_keeps_mode():
+    model, x, y = build("batchnorm_eval", n=3)
+    before_hooks, before_attrs = hooks_of(model), attrs_of(model)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    tape.per_example_sq_grad_norms(ce(out, y))
+    assert hooks_of(model) == before_hooks and attrs_of(model) == before_attrs
+    assert all(not m.training for m in model.modules())
+    mlp, x2, y2 = build("mlp", n=3)
+    with curvreg.GradNormTape(mlp) as tape:
+        mlp(x2)
+    assert all(m.training for m in mlp.modules())
+
+
+def test_hooks_removed_after_exception():
+    model, x, _ = build("mlp", n=3)
+    before = hooks_of(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with curvreg.GradNormTape(model):
+            model(x)
+            raise RuntimeError("boom")
+    assert hooks_of(model) == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_tape_reused_across_steps_and_twice_per_step():
+    model, x, y = build("conv2d_stride_pad", n=4)
+    tape = curvreg.GradNormTape(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        with tape:
+            out = model(x)
+        losses = ce(out, y)
+        a = tape.per_example_sq_grad_norms(losses)
+        b = tape.per_example_sq_grad_norms(losses, create_graph=False)
+        assert torch.allclose(a.detach(), b)
+        opt.zero_grad()
+        (losses.mean() + 0.1 * a.mean()).backward()
+        opt.step()
+
+
+def test_losses_wrong_shape():
+    model, x, y = build("mlp", n=3)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"shape \[N\]"):
+        tape.per_example_sq_grad_norms(ce(out, y).unsqueeze(1))
+    with pytest.raises(ValueError, match=r"shape \[N\]"):
+        tape.per_example_sq_grad_norms(ce(out, y).mean())
+
+
+def test_losses_not_from_taped_forward():
+    model, x, y = build("mlp", n=3)
+    other, _, _ = build("mlp", n=3, seed=1)
+    with curvreg.GradNormTape(model) as tape:
+        model(x)
+    with pytest.raises(ValueError, match="not produced from the taped forward"):
+        tape.per_example_sq_grad_norms(ce(other(x), y))
+    with pytest.raises(ValueError, match="does not require grad"):
+        tape.per_example_sq_grad_norms(ce(model(x).detach(), y))
+
+
+def test_nothing_to_differentiate():
+    model, x, y = build("mlp", n=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to differentiate"):
+        with curvreg.GradNormTape(model):
+            pass
+    model2, _, _ = build("mlp", n=3)
+    with curvreg.GradNormTape(model2) as tape:
+        pass
+    losses = (x.sum(1) * torch.ones(3, dtype=x.dtype, requires_grad=True))
+    with pytest.raises(ValueError, match="nothing to differentiate"):
+        tape.per_example_sq_grad_norms(losses)
+
+
+def test_no_grad_and_dtype():
+    model, x, y = build("mlp", n=3)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    losses = ce(out, y)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="no_grad"):
+            tape.per_example_sq_grad_norms(losses)
+    with pytest.raises(TypeError, match="floating-point"):
+        tape.per_example_sq_grad_norms(y)
+
+
+def test_forward_twice_with_different_batch_size():
+    model, x, _ = build("mlp", n=4)
+    with pytest.raises(ValueError, match=r"different batch sizes \(4, then 2\)"):
+        with curvreg.GradNormTape(model):
+            model(x)
+            model(x[:2])
+
+
+def test_losses_length_differs_from_forward():
+    model, x, y = build("mlp", n=4)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match="batch size 4"):
+        tape.per_example_sq_grad_norms(ce(out, y)[:3])
+
+
+def test_batchnorm_training_rejected_before_forward():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm2d\).*GroupNorm.*eval"):
+        with curvreg.GradNormTape(model):
+            model(torch.randn(2, 3, 5, 5, dtype=torch.double))
+    assert calls == []
+
+
+def test_batchnorm_switched_to_train_inside_scope_rejected():
+    model, x, _ = build("batchnorm_eval", n=3)
+    with pytest.raises(ValueError, match="BatchNorm in training mode"):
+        with curvreg.GradNormTape(model):
+            model[1].train()
+            model(x)
+
+
+def test_mixing_custom_module_detected_by_fallback():
+    class BatchCenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            return (x - x.mean(0)) * self.w
+
+    model = nn.Sequential(BatchCenter(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.double)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"module '0' \(BatchCenter\).*mixes examples"):
+        tape.per_example_sq_grad_norms(ce(out, torch.zeros(4, dtype=torch.long)))
+
+
+def test_inplace_modification_rejected():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 5, dtype=torch.double)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(RuntimeError, match=r"module '0' was modified in place.*inplace=False"):
+        tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
+
+
+def test_parameter_used_outside_modules_rejected():
+    model, x, y = build("mlp", n=3)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x) + (model[0].bias * 0.1).sum()
+    with pytest.raises(ValueError, match="'0.bias' is used outside"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+def test_merged_batch_dim_rejected():
+    model = nn.Sequential(nn.Flatten(0, 1), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 2, 3, dtype=torch.double)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x).reshape(4, -1)
+    with pytest.raises(ValueError, match="leading dim 8, not the batch size 4"):
+        tape.per_example_sq_grad_norms(out.sum(1))
+
+
+def test_group_size_validation():
+    model, x, y = build("mlp", n=5)
+    with pytest.raises(ValueError, match="group_size"):
+        curvreg.GradNormTape(model, group_size=0)
+    with curvreg.GradNormTape(model, group_size=2) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match="does not divide the batch size 5"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+def test_embedding_scale_grad_by_freq_rejected():
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2))
+    idx = torch.randint(0, 5, (3, 2))
+    with curvreg.GradNormTape(model) as tape:
+        out = model(idx)
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
+        tape.per_example_sq_grad_norms(out.sum(1))
+
+
+def test_custom_rule_extends_mapping_and_override_guard():
+    class MyLinear(nn.Linear):
+        pass
+
+    calls = []
+
+    def grads(layer, inputs, grad_output, names, group):
+        calls.append(names)
+        return curvreg.default_rules()[nn.Linear].grads(layer, inputs, grad_output, names, group)
+
+    model = nn.Sequential(MyLinear(5, 3)).double()
+    x, y = torch.randn(4, 5, dtype=torch.double), torch.zeros(4, dtype=torch.long)
+    with curvreg.GradNormTape(model, rules={MyLinear: LayerRule(grads=grads)}) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert calls == [["bias", "weight"]]
+    expected = (F.softmax(out, 1) - F.one_hot(y, 3)).pow(2).sum(1) * (x.pow(2).sum(1) + 1)
+    assert torch.allclose(sq, expected)
+    with pytest.raises(ValueError, match="allow_override"):
+        curvreg.GradNormTape(model, rules={nn.Linear: LayerRule(grads=grads)})
+    with pytest.raises(TypeError, match="LayerRule"):
+        curvreg.GradNormTape(model, rules={MyLinear: grads})
+
+
+def test_non_module_rejected():
+    with pytest.raises(TypeError, match="nn.Module"):
+        curvreg.GradNormTape(lambda x: x)

@@ -1,0 +1,116 @@
+"""Exactness of GradNormTape against brute force in float64 (values and penalty gradients)."""
+import warnings
+
+import pytest
+import torch
+
+import curvreg
+from curvreg.reference import loop_sq_grad_norms, vmap_sq_grad_norms
+
+from models import CASES, FALLBACK_CASES, build, ce
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def tape_sq(model, x, y, group_size=1, create_graph=True):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model, group_size=group_size) as tape:
+            out = model(x)
+        return tape.per_example_sq_grad_norms(ce(out, y), create_graph=create_graph)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_values_match_loop_and_vmap(case):
+    model, x, y = build(case, n=5)
+    sq = tape_sq(model, x, y)
+    assert sq.shape == (5,)
+    ref = loop_sq_grad_norms(model, ce, x, y)
+    assert rel_err(sq, ref) < 1e-9
+    if case != "fallback_attention":  # attention under vmap(grad) of the whole model: loop suffices
+        assert rel_err(sq, vmap_sq_grad_norms(model, ce, x, y)) < 1e-9
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_penalty_gradient_matches_double_backprop(case):
+    model, x, y = build(case, n=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    alpha = 0.37
+    ours = torch.autograd.grad(alpha * tape_sq(model, x, y).mean(), params)
+    ref_sq = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    ref = torch.autograd.grad(alpha * ref_sq.mean(), params)
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    assert rel_err(flat(ours), flat(ref)) < 1e-8
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d_stride_pad", "linear_seq_gram", "conv2d_gram_small_map",
+                                  "embedding_padding_idx", "layernorm_groupnorm", "tied_embedding",
+                                  "fallback_custom"])
+@pytest.mark.parametrize("group_size", [2, 6])
+def test_group_size(case, group_size):
+    model, x, y = build(case, n=6)
+    sq = tape_sq(model, x, y, group_size=group_size)
+    assert sq.shape == (6 // group_size,)
+    assert rel_err(sq, loop_sq_grad_norms(model, ce, x, y, group_size=group_size)) < 1e-9
+
+
+def test_group_size_n_is_full_batch_gradient_norm():
+    model, x, y = build("mlp", n=8)
+    sq = tape_sq(model, x, y, group_size=8)
+    g = torch.autograd.grad(ce(model(x), y).mean(), list(model.parameters()))
+    assert torch.allclose(sq[0], sum(t.pow(2).sum() for t in g), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d_same_groups_nobias", "tied_embedding", "recurrent"])
+def test_batch_of_one(case):
+    model, x, y = build(case, n=1)
+    assert rel_err(tape_sq(model, x, y), loop_sq_grad_norms(model, ce, x, y)) < 1e-9
+
+
+def test_create_graph_false_is_detached_and_equal():
+    model, x, y = build("conv2d_stride_pad", n=4)
+    a = tape_sq(model, x, y, create_graph=False)
+    assert not a.requires_grad
+    assert torch.allclose(a, tape_sq(model, x, y).detach(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv2d_stride_pad"])
+def test_gradcheck(case):
+    model, x, y = build(case, n=3)
+    params = tuple(model.parameters())
+
+    def penalty(*_):  # gradcheck perturbs the parameters in place
+        return tape_sq(model, x, y).mean()
+
+    assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_forward_with_two_branches_of_the_same_batch_adds_contributions():
+    model, x, y = build("mlp", n=4)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x) + 0.5 * model(2 * x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    params = list(model.parameters())
+    expected = []
+    for i in range(4):
+        xi = x[i:i + 1]
+        li = ce(model(xi) + 0.5 * model(2 * xi), y[i:i + 1]).sum()
+        expected.append(sum(g.pow(2).sum() for g in torch.autograd.grad(li, params)))
+    assert rel_err(sq, torch.stack(expected)) < 1e-9
+
+
+def test_fallback_warns_once_with_module_names():
+    model, x, y = build("fallback_custom", n=3)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.warns(curvreg.FallbackWarning, match=r"1 \(Scale\)"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+def test_float32_close_to_float64():
+    model, x, y = build("conv2d_stride_pad", n=4)
+    ref = tape_sq(model, x, y)
+    sq32 = tape_sq(model.float(), x.float(), y)
+    assert rel_err(sq32.double(), ref) < 1e-4
