@@ -36,15 +36,17 @@ class FallbackWarning(UserWarning):
 class _Call:
     """One recorded call of a module that used trainable parameters."""
 
-    __slots__ = ("module", "path", "args", "kwargs", "outputs", "versions", "names")
+    __slots__ = ("module", "path", "args", "kwargs", "outputs", "versions", "names", "keys")
 
-    def __init__(self, module, path, args, kwargs, outputs, names):
+    def __init__(self, module, path, args, kwargs, outputs, used: Dict[str, int]):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
-        self.outputs, self.names = outputs, names
+        self.outputs = outputs
+        self.names = sorted(used)                 # parameter names relative to ``module``
+        self.keys = [used[k] for k in self.names]  # id() of each parameter
         self.versions = [t._version for t in self._tensors()]
 
     def _tensors(self):
-        flat = tree_flatten((self.args, self.kwargs))[0]
+        flat = _flat(self.args) + (_flat(self.kwargs) if self.kwargs else [])
         return [t for t in flat if isinstance(t, Tensor)] + list(self.outputs)
 
     def check_versions(self):
@@ -70,8 +72,17 @@ class _UsageMode(TorchFunctionMode):
         return out
 
 
+def _flat(obj) -> list:
+    """Leaves of a pytree, with fast paths for a tensor and a flat tuple."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, tuple) and all(isinstance(a, Tensor) for a in obj):
+        return list(obj)
+    return tree_flatten(obj)[0]
+
+
 def _float_tensors(obj) -> List[Tensor]:
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+    return [t for t in _flat(obj) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def _path(paths: Dict[int, str], module: nn.Module) -> str:
@@ -145,7 +156,7 @@ class GradNormTape:
         self._reset()
         self._local: Dict[int, Dict[int, str]] = {}
         try:
-            for module in self.model.modules():
+            for module in self._modules_with_params():
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook))
                 self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
             self._mode = _UsageMode(self)
@@ -162,6 +173,12 @@ class GradNormTape:
             self._mode.__exit__(*exc)
         self._remove()
 
+    def _modules_with_params(self):
+        """Modules whose subtree holds a trainable parameter (only these can use one)."""
+        for module in self.model.modules():
+            if module is self.model or any(id(p) in self._params for p in module.parameters()):
+                yield module
+
     def _remove(self):
         for h in self._handles:
             h.remove()
@@ -175,10 +192,10 @@ class GradNormTape:
             raise ValueError(_mixing_message(_path(self._paths, module), type(module).__name__, reason))
         if module is self.model:
             self._check_batch(args)
-        self._stack.append([module, set()])
+        self._stack.append([module, {}])
 
     def _check_batch(self, args):
-        first = next((t for t in tree_flatten(args)[0] if isinstance(t, Tensor) and t.dim()), None)
+        first = next((t for t in _flat(args) if isinstance(t, Tensor) and t.dim()), None)
         if first is None:
             return
         n = first.shape[0]
@@ -194,10 +211,10 @@ class GradNormTape:
         if used:
             outputs = [t for t in _float_tensors(output) if t.requires_grad]
             self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, outputs,
-                                     sorted(used)))
+                                     used))
 
     def _on_op(self, args, kwargs, out):
-        for a in tree_flatten((args, kwargs))[0]:
+        for a in _op_params(args, kwargs):
             entry = self._params.get(id(a)) if isinstance(a, nn.Parameter) else None
             if entry is None:
                 continue
@@ -215,7 +232,7 @@ class GradNormTape:
                                  f"'{entry[0]}', which belongs to neither it nor its children; "
                                  "per-example gradients of that use cannot be attributed. "
                                  "Move the parameter into the module that uses it.")
-            used.add(name)
+            used[name] = id(a)
 
     # ----------------------------------------------------------------- computing
     def per_example_sq_grad_norms(self, losses: Tensor, *, create_graph: bool = True) -> Tensor:
@@ -281,17 +298,13 @@ class GradNormTape:
 
     def _accumulate(self, live, n: int) -> Tensor:
         m = self.group_size
-        owners = Counter()
-        for c, _ in live:
-            for name in c.names:
-                owners[id(c.module.get_parameter(name))] += 1
+        owners = Counter(key for c, _ in live for key in c.keys)
         total, shared, fallbacks = None, {}, []
         for c, d in live:
-            single = [k for k in c.names if owners[id(c.module.get_parameter(k))] == 1]
-            multi = [k for k in c.names if k not in single]
+            single = [k for k, key in zip(c.names, c.keys) if owners[key] == 1]
+            multi = [k for k, key in zip(c.names, c.keys) if owners[key] > 1]
             rule = self.rules.get(type(c.module))
-            direct = {k for k, _ in c.module.named_parameters(recurse=False)}
-            if rule is not None and set(c.names) <= direct and len(d) == 1:
+            if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in c.names):
                 delta = d[0]
                 if delta.shape[0] != n:
                     raise ValueError(f"module '{c.path}' ({type(c.module).__name__}) produced an "
@@ -310,9 +323,9 @@ class GradNormTape:
                     sq = sq_from_grads(single_grads)
                     total = sq if total is None else total + sq
                 grads = {k: v for k, v in grads.items() if k not in single}
-            for k, g in grads.items():
-                key = id(c.module.get_parameter(k))
-                shared[key] = g if key not in shared else shared[key] + g
+            for k, key in zip(c.names, c.keys):
+                if k in grads:
+                    shared[key] = grads[k] if key not in shared else shared[key] + grads[k]
         if shared:
             sq = sq_from_grads(shared)
             total = sq if total is None else total + sq
@@ -321,6 +334,15 @@ class GradNormTape:
                           "torch.func fallback (slower): " + ", ".join(sorted(set(fallbacks))),
                           FallbackWarning, stacklevel=3)
         return total
+
+
+def _op_params(args, kwargs):
+    """Parameters among an op's arguments (one level into lists/tuples, as torch ops take)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, nn.Parameter):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, nn.Parameter))
 
 
 def _sq_via_grads(rule: LayerRule):

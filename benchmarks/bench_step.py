@@ -1,0 +1,117 @@
+"""Regularized vs plain training step, measured side by side in one process (float32).
+
+Prints, per model, the median time ratio to a plain SGD step for: curvreg (exact tape),
+torch.func vmap(grad) of the same penalty, and a SAM step; plus extra memory (peak RSS growth
+during one step relative to the plain step's). Usage:
+    python benchmarks/bench_step.py [--rounds 10] [--models fc512 fc4096 allcnn]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import curvreg
+from curvreg.lab.models import build_model
+
+ALPHA = 0.1
+SETTINGS = {"fc512": 256, "fc4096": 256, "allcnn": 32}
+
+
+def plain_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def curvreg_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    losses = F.cross_entropy(out, y, reduction="none")
+    sq = tape.per_example_sq_grad_norms(losses)
+    (losses.mean() + ALPHA * sq.mean()).backward()
+    opt.step()
+
+
+def vmap_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    sq = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    (F.cross_entropy(model(x), y) + ALPHA * sq.mean()).backward()
+    opt.step()
+
+
+def sam_step(model, opt, x, y, rho=0.05):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    eps = [rho * p.grad / (norm + 1e-12) for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.sub_(e)
+    opt.step()
+
+
+def vmap_bytes(model, batch):
+    return batch * sum(p.numel() for p in model.parameters()) * 4 * 3
+
+
+def bench(name, rounds):
+    torch.manual_seed(0)
+    batch = SETTINGS[name]
+    model = build_model(name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    steps = {"plain": plain_step, "curvreg": curvreg_step, "sam": sam_step, "vmap": vmap_step}
+    budget = 0.5 * 24e9
+    if vmap_bytes(model, batch) > budget:
+        print(f"  {name}: skipping vmap(grad): needs ~{vmap_bytes(model, batch) / 1e9:.0f} GB "
+              f"of per-example gradients (> {budget / 1e9:.0f} GB)")
+        del steps["vmap"]
+    times = {k: [] for k in steps}
+    for k, f in steps.items():  # warm-up
+        f(model, opt, x, y)
+    for _ in range(rounds):
+        for k, f in steps.items():  # interleaved
+            t = time.perf_counter()
+            f(model, opt, x, y)
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: med[k] / med["plain"] for k in med}, med["plain"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, alpha={ALPHA}")
+    print("| model | batch | plain step (ms) | curvreg | torch.func vmap(grad) | SAM |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        ratios, plain = bench(name, args.rounds)
+        fmt = lambda k: f"{ratios[k]:.2f}x" if k in ratios else "skipped (memory)"  # noqa: E731
+        print(f"| {name} | {SETTINGS[name]} | {plain * 1e3:.1f} | {fmt('curvreg')} | "
+              f"{fmt('vmap')} | {fmt('sam')} |", flush=True)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The paper's models and a registry by name.
+
+* ``mlp``: fully-connected ReLU nets, 3x512 and 3x4096 hidden units in the paper.
+* ``all_cnn_c``: the nine-layer all-convolutional net of Springenberg et al. (2015): 3x3 convs
+  with stride-2 convs instead of pooling, 1x1 convs, global average pooling.
+All activations are out-of-place so the curvature tape can record layer outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+from torch import nn
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def mlp(widths: Sequence[int] = (512, 512, 512), activation: str = "relu",
+        in_features: int = 3 * 32 * 32, num_classes: int = 10) -> nn.Sequential:
+    """Flatten -> [Linear -> act] * len(widths) -> Linear(num_classes)."""
+    layers: list = [nn.Flatten()]
+    d = in_features
+    for w in widths:
+        layers += [nn.Linear(d, w), _activation(activation)]
+        d = w
+    layers.append(nn.Linear(d, num_classes))
+    return nn.Sequential(*layers)
+
+
+def all_cnn_c(num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
+              activation: str = "relu", dropout: float = 0.0) -> nn.Sequential:
+    """All-CNN-C with ``96*width`` / ``192*width`` channels; input ``[N, 3, 32, 32]``."""
+    a, b = max(1, round(96 * width)), max(1, round(192 * width))
+
+    def conv(cin, cout, k, stride=1, padding=0):
+        return [nn.Conv2d(cin, cout, k, stride=stride, padding=padding), _activation(activation)]
+
+    drop = [nn.Dropout(dropout)] if dropout > 0 else []
+    layers = (conv(in_channels, a, 3, padding=1) + conv(a, a, 3, padding=1)
+              + conv(a, a, 3, stride=2, padding=1) + drop
+              + conv(a, b, 3, padding=1) + conv(b, b, 3, padding=1)
+              + conv(b, b, 3, stride=2, padding=1) + drop
+              + conv(b, b, 3) + conv(b, b, 1)
+              + [nn.Conv2d(b, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()])
+    return nn.Sequential(*layers)
+
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "fc512": lambda num_classes=10, **kw: mlp((512,) * 3, num_classes=num_classes, **kw),
+    "fc4096": lambda num_classes=10, **kw: mlp((4096,) * 3, num_classes=num_classes, **kw),
+    "allcnn": lambda num_classes=10, **kw: all_cnn_c(num_classes=num_classes, **kw),
+}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Model from the registry by name (see ``MODELS``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)
