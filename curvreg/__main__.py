@@ -1,0 +1,6 @@
+"""``python -m curvreg`` (also what ``torchrun -m curvreg`` runs)."""
+import sys
+
+from curvreg.lab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""``curvreg`` command line: ``curvreg train ...``; see ``curvreg --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import CHOICES, PRESETS, ConfigError, load_config_file
+from .data import DataError
+
+FLAGS = [  # (flag, config field, type, help)
+    ("--preset", "preset", str, f"named setting: {', '.join(PRESETS)}"),
+    ("--model", "model", str, f"one of {', '.join(CHOICES['model'])}"),
+    ("--dataset", "dataset", str, "cifar10 or cifar100"),
+    ("--epochs", "epochs", int, "number of epochs"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--weight-decay", "weight_decay", float, "L2 coefficient (SGD weight_decay)"),
+    ("--alpha", "alpha", float, "curvature coefficient on mean_i ||grad l_i||^2"),
+    ("--alpha-warmup-epochs", "alpha_warmup_epochs", float, "linear warm-up of alpha"),
+    ("--seed", "seed", int, "random seed"),
+    ("--batch-size", "batch_size", int, "global batch size"),
+    ("--train-subset", "train_subset", int, "use the first N training examples"),
+    ("--val-size", "val_size", int, "held-out validation examples (default 5000)"),
+    ("--data-dir", "data_dir", str, "directory with cifar10.npz or the official archives "
+                                    "(default: $CURVREG_DATA, else ~/.cache/curvreg)"),
+    ("--device", "device", str, "cpu, cuda or auto"),
+    ("--method", "method", str, "sgd, sam or gnp"),
+    ("--rho", "rho", float, "SAM/GNP radius"),
+    ("--schedule", "schedule", str, "constant, step or cosine"),
+    ("--warmup-epochs", "warmup_epochs", float, "linear lr warm-up epochs"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--normalization", "normalization", str, "standardize, zca or none"),
+    ("--curvature-estimator", "curvature_estimator", str, "exact, probe or hybrid"),
+    ("--num-probes", "num_probes", int, "probes per step for the probe estimators"),
+]
+BOOLS = [("augment", "random crop + flip"), ("nesterov", "Nesterov momentum"),
+         ("bf16", "bf16 autocast on GPU"), ("download", "download the dataset if missing"),
+         ("coarse-labels", "CIFAR-100 coarse labels")]
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train one model (curvature + L2 by default)",
+                       description="Train a model; writes config.json, metrics.jsonl, "
+                                   "summary.json and checkpoint.pt to --out.")
+    for flag, dest, typ, text in FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+    for name, text in BOOLS:
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                       default=None, help=text)
+    p.add_argument("--config", help="YAML or JSON file of config fields (flags override it)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<preset or model>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only on a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="curvreg", description="Curvature regularization toolkit.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+    return ap
+
+
+def _overrides(args) -> dict:
+    values = load_config_file(args.config) if args.config else {}
+    names = [dest for _, dest, _, _ in FLAGS] + [n.replace("-", "_") for n, _ in BOOLS]
+    values.update({k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    return values
+
+
+def cmd_train(args) -> int:
+    from .train import EXIT_DIVERGED, resume, train
+    if args.resume is not None:
+        extra = _overrides(args)
+        unsupported = sorted(set(extra) - {"epochs"})
+        if unsupported:
+            raise ConfigError(f"--resume continues the stored config; only --epochs may change "
+                              f"(got {unsupported})")
+        summary = resume(args.resume, args.progress, extra.get("epochs"))
+        out = args.resume
+    else:
+        values = _overrides(args)
+        name = values.get("preset") or values.get("model") or "run"
+        out = args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = train(values, out, args.progress)
+    print(json.dumps({k: summary[k] for k in ("status", "epochs_done", "test_acc", "best_val_acc",
+                                              "fisher_trace")}))
+    print(f"results in {out}")
+    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train}[args.command](args)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"curvreg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

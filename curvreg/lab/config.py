@@ -1,0 +1,150 @@
+"""Training configuration: a typed dataclass, presets named after the paper's settings, and
+strict parsing of overrides (unknown fields and wrong types are errors that name the field).
+
+Units: ``weight_decay`` is the SGD coefficient lambda (gradient += lambda * theta, i.e. a loss term
+lambda/2 ||theta||^2); ``alpha`` multiplies R = mean_i ||grad l_i||^2 of the mean cross-entropy
+(see ``curvreg.tape``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+CHOICES = {
+    "model": ("fc512", "fc4096", "allcnn"),
+    "dataset": ("cifar10", "cifar100"),
+    "activation": ("relu", "gelu", "tanh"),
+    "schedule": ("constant", "step", "cosine"),
+    "method": ("sgd", "sam", "gnp"),
+    "normalization": ("standardize", "zca", "none"),
+    "device": ("auto", "cpu", "cuda"),
+    "curvature_estimator": ("exact", "probe", "hybrid"),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: Optional[str] = None
+    model: str = "fc512"
+    dataset: str = "cifar10"
+    activation: str = "relu"
+    width: float = 1.0                 # all-conv channel multiplier
+    dropout: float = 0.0               # all-conv dropout after the stride-2 convs
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.02
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    alpha: float = 5e-4
+    alpha_warmup_epochs: float = 0.0   # linear ramp of alpha from 0
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0         # linear lr warm-up
+    milestones: List[int] = field(default_factory=list)  # step schedule epochs
+    gamma: float = 0.1
+    method: str = "sgd"                # sgd | sam (Foret et al.) | gnp (Zhao et al. 2022)
+    rho: float = 0.05                  # SAM / GNP perturbation radius
+    gnp_beta: float = 0.8              # GNP mixing weight (lambda / r in Zhao et al.)
+    curvature_estimator: str = "exact"
+    num_probes: int = 1
+    normalization: str = "standardize"
+    zca_eps: float = 0.1
+    augment: bool = False
+    val_size: int = 5000
+    split_seed: int = 0
+    train_subset: Optional[int] = None
+    coarse_labels: bool = False
+    fisher_eval_size: int = 1024       # training examples for the per-epoch Fisher trace
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    data_dir: Optional[str] = None
+    download: bool = False
+    tensorboard: bool = False
+
+
+_FC = dict(lr=0.02, weight_decay=5e-4, alpha=5e-4, epochs=20, batch_size=256)
+_CNN = dict(model="allcnn", lr=0.05, weight_decay=5e-4, alpha=5e-4, epochs=100, batch_size=256,
+            augment=True, warmup_epochs=2.0)
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "fc512-cifar10": dict(model="fc512", dataset="cifar10", **_FC),
+    "fc4096-cifar10": dict(model="fc4096", dataset="cifar10", **_FC),
+    "allcnn-cifar10": dict(dataset="cifar10", **_CNN),
+    "allcnn-cifar100": dict(dataset="cifar100", **_CNN),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration field is unknown or has a bad value; the message names it."""
+
+
+def _check_type(name: str, value: Any, typ: Any) -> Any:
+    text = str(typ)
+    if value is None:
+        if "Optional" in text or "None" in text:
+            return None
+        raise ConfigError(f"field '{name}' may not be null")
+    if "List[int]" in text:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
+            raise ConfigError(f"field '{name}' must be a list of ints, got {value!r}")
+        return list(value)
+    base = {"int": int, "float": float, "bool": bool, "str": str}
+    for key, t in base.items():
+        if text.replace("Optional[", "").startswith(key):
+            if t is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+                raise ConfigError(f"field '{name}' must be {key}, got {type(value).__name__} {value!r}")
+            return value
+    return value
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _check_type(f.name, getattr(cfg, f.name), f.type))
+        if f.name in CHOICES and getattr(cfg, f.name) not in CHOICES[f.name]:
+            raise ConfigError(f"field '{f.name}' must be one of {list(CHOICES[f.name])}, got "
+                              f"{getattr(cfg, f.name)!r}")
+    positive = ("epochs", "batch_size", "num_probes", "fisher_eval_size")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"field '{name}' must be >= 1, got {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "alpha", "rho", "momentum", "alpha_warmup_epochs",
+                 "warmup_epochs", "dropout"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"field '{name}' must be >= 0, got {getattr(cfg, name)}")
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
+    return cfg
+
+
+def make_config(overrides: Mapping[str, Any]) -> TrainConfig:
+    """Defaults, then the preset named in ``overrides`` (if any), then the other overrides."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+    preset = overrides.get("preset")
+    values: Dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update(overrides)
+    return validate(TrainConfig(**values))
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A YAML or JSON mapping of config fields."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields")
+    return data

@@ -1,0 +1,332 @@
+"""The trainer: SGD (+momentum/Nesterov) with L2 and curvature penalties, SAM and GNP baselines.
+
+The objective of one step on a batch B is
+    mean_{i in B} l_i + alpha_t * mean_{i in B} ||grad l_i||^2       (curvature; ``curvreg.tape``)
+plus L2 through SGD's ``weight_decay``. A run is a directory: ``config.json``, ``metrics.jsonl``
+(one line per epoch), ``summary.json`` and ``checkpoint.pt`` (written atomically each epoch, so
+``--resume`` continues bit-for-bit on CPU). Under ``torchrun`` each rank takes an equal slice of
+every global batch and gradients are averaged with ``torch.distributed.all_reduce``, which makes
+the update that of single-process training on the global batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import curvreg
+
+from .config import TrainConfig, make_config
+from .data import _atomic_write, load_arrays
+from .loader import epoch_batches, prepare
+from .models import build_model
+
+EXIT_DIVERGED = 3
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def lr_at(cfg: TrainConfig, t: float) -> float:
+    """Learning rate at fractional epoch ``t``."""
+    if cfg.warmup_epochs and t < cfg.warmup_epochs:
+        return cfg.lr * t / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (t - cfg.warmup_epochs) / span)))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(t >= m for m in cfg.milestones)
+    return cfg.lr
+
+
+def alpha_at(cfg: TrainConfig, t: float) -> float:
+    if cfg.alpha_warmup_epochs and t < cfg.alpha_warmup_epochs:
+        return cfg.alpha * t / cfg.alpha_warmup_epochs
+    return cfg.alpha
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+class Trainer:
+    """Builds data and model from a config and runs epochs, writing the run directory."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool] = None):
+        self.cfg, self.out = cfg, Path(out)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = resolve_device(cfg.device)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        arrays = load_arrays(cfg.dataset, cfg.data_dir, download_ok=cfg.download)
+        self.data = prepare(arrays, val_size=cfg.val_size, split_seed=cfg.split_seed,
+                            train_subset=cfg.train_subset, normalization=cfg.normalization,
+                            zca_eps=cfg.zca_eps, coarse=cfg.coarse_labels, device=self.device)
+        torch.manual_seed(cfg.seed)
+        kw = dict(num_classes=self.data.num_classes, activation=cfg.activation)
+        if cfg.model == "allcnn":
+            kw.update(width=cfg.width, dropout=cfg.dropout)
+        self.model = build_model(cfg.model, **kw).to(self.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.epoch, self.history = 0, []
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "epoch": self.epoch, "history": self.history, "rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            path = self.out / "checkpoint.pt"
+            _atomic_write(path, lambda f: torch.save(self.state(), f))
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.out / "checkpoint.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        torch.set_rng_state(state["rng"])
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        if self.rank == 0:
+            text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
+            _atomic_write(self.out / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+    # ------------------------------------------------------------------ steps
+    def _objective(self, x, y, alpha: float):
+        """(objective, losses, sq or None, logits) on this rank's slice."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda")
+        if alpha > 0:
+            with curvreg.GradNormTape(self.model) as tape, autocast:
+                out = self.model(x)
+            losses = F.cross_entropy(out.float(), y, reduction="none")
+            sq = tape.per_example_sq_grad_norms(losses)
+            return losses.mean() + alpha * sq.mean(), losses, sq, out
+        with autocast:
+            out = self.model(x)
+        losses = F.cross_entropy(out.float(), y, reduction="none")
+        return losses.mean(), losses, None, out
+
+    def _backward(self, objective, weight: float) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        (objective * weight).backward()
+        if self.world > 1:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+
+    def _grads(self):
+        return [p.grad.detach().clone() if p.grad is not None else None for p in self.model.parameters()]
+
+    def _perturb(self, grads, rho: float, sign: float) -> list:
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)) + 1e-12
+        eps = [None if g is None else sign * rho * g / norm for g in grads]
+        with torch.no_grad():
+            for p, e in zip(self.model.parameters(), eps):
+                if e is not None:
+                    p.add_(e)
+        return eps
+
+    def step(self, x, y, t: float) -> dict:
+        cfg, alpha = self.cfg, alpha_at(self.cfg, t)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(cfg, t)
+        n_global = x.shape[0]
+        lo, hi = self.rank * n_global // self.world, (self.rank + 1) * n_global // self.world
+        xs, ys = x[lo:hi], y[lo:hi]
+        weight = (hi - lo) / n_global  # local mean -> share of the global mean
+        objective, losses, sq, out = self._objective(xs, ys, alpha)
+        if not torch.isfinite(objective).all():
+            raise Diverged(f"non-finite objective {objective.item()} at epoch {t:.3f}")
+        self._backward(objective, weight)
+        if cfg.method in ("sam", "gnp"):
+            g1 = self._grads()
+            eps = self._perturb(g1, cfg.rho, 1.0)
+            self._backward(self._objective(xs, ys, alpha)[0], weight)
+            with torch.no_grad():
+                for p, e in zip(self.model.parameters(), eps):
+                    if e is not None:
+                        p.sub_(e)
+                if cfg.method == "gnp":  # (1 - beta) grad(theta) + beta grad(theta + r g/|g|)
+                    for p, a in zip(self.model.parameters(), g1):
+                        if a is not None:
+                            p.grad.mul_(cfg.gnp_beta).add_(a, alpha=1 - cfg.gnp_beta)
+        self.opt.step()
+        with torch.no_grad():
+            stats = torch.stack([losses.sum(), (out.argmax(1) == ys).sum().float(),
+                                 sq.sum() if sq is not None else losses.new_zeros(()),
+                                 losses.new_tensor(float(hi - lo))])
+            if self.world > 1:
+                dist.all_reduce(stats)
+        return {"stats": stats, "lr": self.opt.param_groups[0]["lr"], "alpha": alpha}
+
+    # ------------------------------------------------------------------ epochs
+    @torch.no_grad()
+    def evaluate(self, x, y, batch: int = 1000) -> Dict[str, float]:
+        was = self.model.training
+        self.model.eval()
+        loss = correct = 0.0
+        for i in range(0, x.shape[0], batch):
+            out = self.model(x[i:i + batch]).float()
+            loss += F.cross_entropy(out, y[i:i + batch], reduction="sum").item()
+            correct += (out.argmax(1) == y[i:i + batch]).sum().item()
+        self.model.train(was)
+        n = max(x.shape[0], 1)
+        return {"loss": loss / n, "acc": correct / n}
+
+    def fisher_trace(self) -> float:
+        """Empirical Fisher trace mean_i ||grad l_i||^2 on the first training examples."""
+        n = min(self.cfg.fisher_eval_size, self.data.x_train.shape[0])
+        total = 0.0
+        for i in range(0, n, 256):
+            x, y = self.data.x_train[i:min(n, i + 256)], self.data.y_train[i:min(n, i + 256)]
+            with curvreg.GradNormTape(self.model) as tape:
+                out = self.model(x)
+            losses = F.cross_entropy(out.float(), y, reduction="none")
+            total += tape.per_example_sq_grad_norms(losses, create_graph=False).sum().item()
+        return total / n
+
+    def run_epoch(self) -> dict:
+        cfg, d = self.cfg, self.data
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)
+        steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
+        sums = torch.zeros(4, device=self.device)
+        start = time.perf_counter()
+        bar = _bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress and self.rank == 0)
+        info = {}
+        for k, (x, y) in enumerate(epoch_batches(d.x_train, d.y_train, cfg.batch_size, gen,
+                                                  do_augment=cfg.augment)):
+            info = self.step(x, y, self.epoch + k / steps)
+            sums += info["stats"]
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - start
+        loss_sum, correct, sq_sum, n = sums.tolist()
+        val, test = self.evaluate(d.x_val, d.y_val), self.evaluate(d.x_test, d.y_test)
+        self.epoch += 1
+        return {"epoch": self.epoch, "train_loss": loss_sum / n, "train_acc": correct / n,
+                "val_loss": val["loss"], "val_acc": val["acc"],
+                "test_loss": test["loss"], "test_acc": test["acc"],
+                "fisher_trace": self.fisher_trace(),
+                "train_sq_grad_norm": sq_sum / n if info.get("alpha", 0) > 0 else None,
+                "lr": info.get("lr"), "alpha": info.get("alpha"),
+                "epoch_seconds": seconds, "examples_per_second": n / seconds}
+
+    def fit(self) -> dict:
+        """Train to ``cfg.epochs``; returns the summary (also written to ``summary.json``)."""
+        status = "done"
+        try:
+            while self.epoch < self.cfg.epochs:
+                metrics = self.run_epoch()
+                self.history.append(metrics)
+                self.save_checkpoint()
+                self._write_metrics()
+                if self.rank == 0 and not self.progress:
+                    print(f"epoch {metrics['epoch']}: train_acc {metrics['train_acc']:.4f} "
+                          f"val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f} "
+                          f"fisher {metrics['fisher_trace']:.4g}", flush=True)
+        except Diverged as e:
+            status = "diverged"
+            print(f"run diverged: {e}", file=sys.stderr)
+        return self.write_summary(status)
+
+    def write_summary(self, status: str) -> dict:
+        last = self.history[-1] if self.history else {}
+        best = max(self.history, key=lambda m: m["val_acc"]) if self.history else {}
+        summary = {
+            "status": status, "epochs_done": self.epoch, "seed": self.cfg.seed,
+            "test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"),
+            "train_acc": last.get("train_acc"), "fisher_trace": last.get("fisher_trace"),
+            "best_val_acc": best.get("val_acc"), "best_val_epoch": best.get("epoch"),
+            "test_acc_at_best_val": best.get("test_acc"),
+            "config": dataclasses.asdict(self.cfg),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "curvreg": curvreg.__version__},
+            "git_commit": _git_commit(), "world_size": self.world,
+        }
+        if self.rank == 0:
+            _write_json(self.out / "summary.json", summary)
+        return summary
+
+
+class _NullBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("CURVREG_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def train(overrides: dict, out: Path, progress: Optional[bool] = None) -> dict:
+    """Start a new run in ``out`` from config overrides."""
+    _init_distributed()
+    cfg = make_config(overrides)
+    out = Path(out)
+    if (out / "checkpoint.pt").exists():
+        raise FileExistsError(f"{out} already holds a run; use --resume {out} to continue it, or "
+                              "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, out, progress)
+    if trainer.rank == 0:
+        _write_json(out / "config.json", dataclasses.asdict(cfg))
+    return trainer.fit()
+
+
+def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int] = None) -> dict:
+    """Continue the run in ``run_dir`` from its last checkpoint."""
+    _init_distributed()
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json; is it a curvreg run directory?")
+    values = json.loads((run_dir / "config.json").read_text())
+    if epochs is not None:
+        values["epochs"] = epochs
+    trainer = Trainer(make_config(values), run_dir, progress)
+    if (run_dir / "checkpoint.pt").is_file():
+        trainer.load_checkpoint()
+    return trainer.fit()
