@@ -248,6 +248,10 @@ class Trainer:
         try:
             while self.epoch < self.cfg.epochs:
                 metrics = self.run_epoch()
+                bad = [k for k in ("train_loss", "val_loss", "fisher_trace")
+                       if not math.isfinite(metrics[k])]
+                if bad:
+                    raise Diverged(f"non-finite {', '.join(bad)} after epoch {metrics['epoch']}")
                 self.history.append(metrics)
                 self.save_checkpoint()
                 self._write_metrics()

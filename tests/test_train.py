@@ -1,0 +1,139 @@
+"""Trainer on a real CIFAR-10 subset: learning, resume, divergence, alpha=0, CLI, DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvreg.lab import train as train_mod
+from curvreg.lab.cli import main
+from curvreg.lab.config import ConfigError, make_config
+from curvreg.lab.loader import epoch_batches
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("CURVREG_DATA", str(ROOT.parent / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not Path(DATA, "cifar10.npz").is_file(), reason="no CIFAR-10 copy")
+QUICK = dict(preset="fc512-cifar10", train_subset=512, val_size=500, batch_size=128, data_dir=DATA,
+             fisher_eval_size=128)
+TIMING = {"epoch_seconds", "examples_per_second"}
+
+
+def metrics(run):
+    lines = Path(run, "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in lines]
+
+
+def test_loss_decreases_and_files_written(tmp_path):
+    s = train_mod.train({**QUICK, "epochs": 3, "lr": 0.05}, tmp_path / "r", progress=False)
+    m = metrics(tmp_path / "r")
+    assert s["status"] == "done" and s["epochs_done"] == 3 and 0 <= s["test_acc"] <= 1
+    assert m[-1]["train_loss"] < m[0]["train_loss"]
+    assert all(x["fisher_trace"] > 0 and x["train_sq_grad_norm"] > 0 for x in m)
+    for f in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (tmp_path / "r" / f).is_file()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["config"]["alpha"] == 5e-4 and "torch" in summary["versions"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = {**QUICK, "epochs": 3, "augment": True}
+    train_mod.train(cfg, tmp_path / "full", progress=False)
+    real = train_mod.Trainer.run_epoch
+
+    def dying(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # killed during the third epoch
+        return real(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "run_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_mod.Trainer, "run_epoch", real)
+    assert len(metrics(tmp_path / "cut")) == 2
+    train_mod.resume(tmp_path / "cut", progress=False)
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_recorded_with_exit_code(tmp_path, capsys):
+    code = main(["train", "--preset", "fc512-cifar10", "--train-subset", "256", "--val-size", "100",
+                 "--epochs", "2", "--lr", "1e6", "--data-dir", DATA, "--out", str(tmp_path / "d")])
+    assert code == train_mod.EXIT_DIVERGED
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["status"] == "diverged"
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_alpha_zero_is_plain_sgd(tmp_path):
+    cfg = {**QUICK, "epochs": 1, "alpha": 0.0, "schedule": "constant", "lr": 0.05}
+    trainer = train_mod.Trainer(make_config(cfg), tmp_path, progress=False)
+    torch.manual_seed(0)
+    ref = train_mod.build_model("fc512", num_classes=10)
+    ref.load_state_dict(trainer.model.state_dict())
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    for x, y in epoch_batches(trainer.data.x_train, trainer.data.y_train, 128, gen):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        opt.step()
+    trainer.run_epoch()
+    for p, q in zip(trainer.model.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["sam", "gnp"])
+def test_baselines_run(tmp_path, method):
+    s = train_mod.train({**QUICK, "epochs": 1, "method": method, "alpha": 0.0}, tmp_path / method,
+                        progress=False)
+    assert s["status"] == "done" and s["test_acc"] > 0.1
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="'lr' must be float"):
+        make_config({"lr": "fast"})
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['lrr'\]"):
+        make_config({"lrr": 0.1})
+    with pytest.raises(ConfigError, match="'method' must be one of"):
+        make_config({"method": "adam"})
+    with pytest.raises(ConfigError, match="unknown preset 'fc9'"):
+        make_config({"preset": "fc9"})
+
+
+def test_cli_errors_and_help(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--alpha" in capsys.readouterr().out
+    assert main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "choose one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epochs", "many"])
+    assert e.value.code == 2
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: fc512-cifar10\nmomentun: 0.5\n")
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "y")]) == 2
+    assert "momentun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["fc512-cifar10", "fc4096-cifar10", "allcnn-cifar10", "allcnn-cifar100"])
+def test_presets_resolve(preset):
+    cfg = make_config({"preset": preset})
+    assert cfg.model in preset and cfg.dataset in preset
+
+
+def test_ddp_two_ranks_match_single_process(tmp_path):
+    args = ["train", "--preset", "fc512-cifar10", "--train-subset", "256", "--val-size", "100",
+            "--batch-size", "64", "--epochs", "1", "--data-dir", DATA, "--alpha", "0.01", "--no-progress"]
+    env = {**os.environ, "CURVREG_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "curvreg", *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29533", "-m", "curvreg", *args, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    for k in a:
+        assert (a[k] - b[k]).norm() <= 1e-6 * a[k].norm(), k
