@@ -83,17 +83,16 @@ def prepare(arrays: Dict[str, np.ndarray], *, val_size: int = 5000, split_seed: 
 def augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     """Random crop with zero padding ``pad`` and random horizontal flip, for a whole batch."""
     n, c, h, w = x.shape
-    dev = x.device
+    dev, width = x.device, w + 2 * pad
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
     flip = torch.rand(n, generator=generator).to(dev) < 0.5
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [n, 1, h, 1]
-    cols = dx[:, None] + torch.arange(w, device=dev)                     # [n, w]
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    cols = dx[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)   # [n, w]
+    rows = dy[:, None] + torch.arange(h, device=dev)        # [n, h]
+    idx = (rows[:, :, None] * width + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return padded.reshape(n, c, -1).gather(2, idx).reshape(n, c, h, w)
 
 
 def epoch_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, *,
