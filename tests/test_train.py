@@ -101,6 +101,8 @@ def test_config_errors_name_the_field():
         make_config({"method": "adam"})
     with pytest.raises(ConfigError, match="unknown preset 'fc9'"):
         make_config({"preset": "fc9"})
+    with pytest.raises(ConfigError, match="'probe' is not available"):
+        train_mod.Trainer(make_config({**QUICK, "curvature_estimator": "probe"}), "/nonexistent")
 
 
 def test_cli_errors_and_help(tmp_path, capsys):

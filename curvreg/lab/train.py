@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import curvreg
 
-from .config import TrainConfig, make_config
+from .config import ConfigError, TrainConfig, make_config
 from .data import _atomic_write, load_arrays
 from .loader import epoch_batches, prepare
 from .models import build_model
@@ -81,6 +81,9 @@ class Trainer:
     """Builds data and model from a config and runs epochs, writing the run directory."""
 
     def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool] = None):
+        if cfg.curvature_estimator != "exact":
+            raise ConfigError(f"curvature_estimator '{cfg.curvature_estimator}' is not available "
+                              "yet; use 'exact'")
         self.cfg, self.out = cfg, Path(out)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
