@@ -4,9 +4,15 @@ Conventions: g_i = grad of loss_i (not divided by N); R = mean_i ||g_i||^2. See 
 """
 from .rules import LayerRule, default_rules
 from .tape import FallbackWarning, GradNormTape
+from .diagnostics import (TraceEstimate, empirical_fisher_trace, fisher_trace, hessian_trace,
+                          hessian_vector_product, hutchinson_trace, hutchpp_trace, model_mode,
+                          top_hessian_eigenvalues)
 
 __all__ = [
     # core
     "GradNormTape", "LayerRule", "default_rules", "FallbackWarning",
+    # diagnostics
+    "hessian_vector_product", "hessian_trace", "top_hessian_eigenvalues", "empirical_fisher_trace",
+    "fisher_trace", "hutchinson_trace", "hutchpp_trace", "TraceEstimate", "model_mode",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from curvreg.lab import data
-from curvreg.lab.loader import augment, epoch_batches, prepare, split_indices
+from curvreg.lab.loader import augment, epoch_batches, prepare, split_indices, zca_matrix
 
 SHARED = Path(os.environ.get("CURVREG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL = SHARED / "cifar10.npz"
@@ -151,3 +151,20 @@ def test_epoch_batches_cover_everything_once():
     x, y = torch.arange(10).float()[:, None], torch.arange(10)
     seen = torch.cat([b for _, b in epoch_batches(x, y, 3, torch.Generator().manual_seed(1))])
     assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_normalizations():
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (400, 32, 32, 3), dtype=np.uint8),
+              "y_train": rng.integers(0, 10, 400), "x_test": rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+              "y_test": rng.integers(0, 10, 50)}
+    s = prepare(arrays, val_size=100, normalization="standardize")
+    assert torch.allclose(s.x_train.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(s.x_train.std((0, 2, 3)), torch.ones(3), atol=1e-4)
+    x = torch.randn(4000, 8) @ torch.randn(8, 8)
+    mean, w = zca_matrix(x, eps=1e-9)
+    white = (x - mean) @ w
+    assert torch.allclose(torch.cov(white.T.double()), torch.eye(8, dtype=torch.double), atol=1e-3)
+    assert torch.allclose(w, w.T, atol=1e-5)  # ZCA, not PCA: the symmetric whitening matrix
+    with pytest.raises(ValueError, match="unknown normalization"):
+        prepare(arrays, normalization="pca")

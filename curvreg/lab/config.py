@@ -63,7 +63,6 @@ class TrainConfig:
     bf16: bool = False
     data_dir: Optional[str] = None
     download: bool = False
-    tensorboard: bool = False
 
 
 _FC = dict(lr=0.02, weight_decay=5e-4, alpha=5e-4, epochs=20, batch_size=256)

@@ -1,0 +1,137 @@
+"""Hessian-vector products of the dataset-average loss, its trace and top eigenvalues.
+
+L(theta) = (1/M) sum over all M examples in ``batches`` of l_i; each batch contributes
+(n_b / M) * HVP of its own mean loss. Parameters are flattened in ``model.parameters()`` order
+(only those with ``requires_grad``). Nothing here changes train/eval mode unless ``mode`` is
+given, and then the previous modes are restored.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: Optional[str]):
+    """Temporarily put ``model`` in "train" or "eval" mode (None: leave it as it is)."""
+    if mode not in (None, "train", "eval"):
+        raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
+    saved = [(m, m.training) for m in model.modules()]
+    if mode is not None:
+        model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _materialize(batches) -> list:
+    batches = list(batches)
+    if not batches or sum(x.shape[0] for x, _ in batches) == 0:
+        raise ValueError("batches is empty: no example to evaluate the loss on")
+    return batches
+
+
+def _params(model) -> List[Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter with requires_grad=True")
+    if not params[0].is_floating_point():
+        raise TypeError(f"parameters must be floating point, got {params[0].dtype}")
+    return params
+
+
+def batch_mean_loss(model, loss_fn: LossFn, x, y) -> Tensor:
+    losses = loss_fn(model(x), y)
+    if not losses.is_floating_point():
+        raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
+    if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+        raise ValueError(f"loss_fn must return one loss per example, shape [{x.shape[0]}]; got "
+                         f"{tuple(losses.shape)} (use reduction='none')")
+    return losses.mean()
+
+
+def hessian_vector_product(model: nn.Module, loss_fn: LossFn, batches: Iterable, vec: Tensor,
+                           ) -> Tensor:
+    """Exact H v for the flattened parameter vector ``vec`` (double backprop, batch by batch)."""
+    params, batches = _params(model), _materialize(batches)
+    total = sum(x.shape[0] for x, _ in batches)
+    chunks = list(vec.split([p.numel() for p in params]))
+    out = torch.zeros_like(vec)
+    for x, y in batches:
+        g = torch.autograd.grad(batch_mean_loss(model, loss_fn, x, y), params, create_graph=True)
+        dot = sum((gi * c.view_as(gi)).sum() for gi, c in zip(g, chunks))
+        hv = torch.autograd.grad(dot, params)
+        out += torch.cat([h.reshape(-1) for h in hv]) * (x.shape[0] / total)
+    return out
+
+
+def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable, *, num_probes: int = 100,
+                  generator: Optional[torch.Generator] = None, distribution: str = "rademacher",
+                  method: str = "hutchinson", mode: Optional[str] = None) -> TraceEstimate:
+    """tr(H) of the dataset-average loss with a standard error (Hutchinson by default)."""
+    batches = _materialize(batches)
+    params = _params(model)
+    dim = sum(p.numel() for p in params)
+    with model_mode(model, mode):
+        mv = lambda v: hessian_vector_product(model, loss_fn, batches, v)  # noqa: E731
+        est = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace}.get(method)
+        if est is None:
+            raise ValueError(f"unknown method '{method}'; use 'hutchinson' or 'hutch++'")
+        return est(mv, dim, num_probes, distribution=distribution, generator=generator,
+                   dtype=params[0].dtype, device=params[0].device)
+
+
+@dataclass
+class EigenResult:
+    eigenvalues: List[float]   # descending
+    residuals: List[float]     # ||H u - lambda u|| for each Ritz pair
+    iterations: int
+
+
+def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable, k: int = 1, *,
+                            tol: float = 1e-6, max_iter: int = 100,
+                            generator: Optional[torch.Generator] = None,
+                            mode: Optional[str] = None) -> EigenResult:
+    """The k largest (algebraic) Hessian eigenvalues by Lanczos with full reorthogonalization.
+
+    Stops when every wanted Ritz pair has residual <= tol * max(1, |lambda|).
+    """
+    batches, params = _materialize(batches), _params(model)
+    dim = sum(p.numel() for p in params)
+    if not 1 <= k <= dim:
+        raise ValueError(f"k must be in [1, {dim}], got {k}")
+    with model_mode(model, mode):
+        mv = lambda v: hessian_vector_product(model, loss_fn, batches, v)  # noqa: E731
+        v = torch.randn(dim, generator=generator, dtype=torch.float64).to(params[0])
+        basis, alphas, betas = [v / v.norm()], [], []
+        for it in range(min(max_iter, dim)):
+            w = mv(basis[-1])
+            alphas.append((w @ basis[-1]).item())
+            q = torch.stack(basis, 1)
+            w = w - q @ (q.T @ w)
+            w = w - q @ (q.T @ w)  # twice is enough (Kahan)
+            t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            if betas:
+                b = torch.tensor(betas, dtype=torch.float64)
+                t += torch.diag(b, 1) + torch.diag(b, -1)
+            evals, evecs = torch.linalg.eigh(t)
+            beta = w.norm().item()
+            m = len(alphas)
+            top = range(m - 1, max(m - 1 - k, -1), -1)
+            res = [abs(beta * evecs[-1, j].item()) for j in top]
+            if m >= k and (all(r <= tol * max(1.0, abs(evals[j].item())) for r, j in zip(res, top))
+                           or beta < 1e-12 or m == dim):
+                break
+            betas.append(beta)
+            basis.append(w / beta)
+        return EigenResult([evals[j].item() for j in top], res, it + 1)

@@ -1,0 +1,119 @@
+"""Diagnostics against the dense Hessian (torch.func.hessian) and brute force, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+import curvreg
+from curvreg.reference import loop_sq_grad_norms
+
+from models import ce
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        x = torch.randn(12, 4, dtype=torch.double)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)).double()
+        x = torch.randn(12, 2, 6, 6, dtype=torch.double)
+    y = torch.randint(0, 3, (12,))
+    return model, [(x[:5], y[:5]), (x[5:], y[5:])], x, y
+
+
+def dense_hessian(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(v):
+        chunks = v.split([s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return ce(functional_call(model, params, (x,)), y).mean()
+
+    return hessian(loss)(flat)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_hvp_and_trace_against_dense(kind):
+    model, batches, x, y = tiny(kind)
+    h = dense_hessian(model, x, y)
+    v = torch.randn(h.shape[0], dtype=torch.double)
+    hv = curvreg.hessian_vector_product(model, ce, batches, v)
+    assert torch.allclose(hv, h @ v, rtol=1e-10, atol=1e-12)
+    exact = torch.trace(h).item()
+    est = curvreg.hessian_trace(model, ce, batches, num_probes=200,
+                                generator=torch.Generator().manual_seed(1))
+    assert est.num_probes == 200
+    assert abs(est.value - exact) < 3 * est.stderr
+    pp = curvreg.hutchpp_trace(lambda u: h @ u, h.shape[0], 60, generator=torch.Generator().manual_seed(2))
+    assert abs(pp.value - exact) < 3 * pp.stderr + 1e-9
+
+
+def test_trace_error_shrinks_with_probes():
+    model, batches, x, y = tiny("mlp")
+    h = dense_hessian(model, x, y)
+    errs = []
+    for k in (10, 1000):
+        est = curvreg.hutchinson_trace(lambda u: h @ u, h.shape[0], k, generator=torch.Generator().manual_seed(0))
+        errs.append(est.stderr)
+    assert errs[1] < errs[0] / 5  # ~ 1/sqrt(K): expect a factor of 10
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_top_eigenvalues(kind):
+    model, batches, x, y = tiny(kind)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, x, y)).flip(0)
+    res = curvreg.top_hessian_eigenvalues(model, ce, batches, k=3, tol=1e-10, max_iter=200,
+                                          generator=torch.Generator().manual_seed(0))
+    for got, want in zip(res.eigenvalues, exact[:3].tolist()):
+        assert abs(got - want) <= 1e-6 * abs(want)
+    assert len(res.residuals) == 3
+
+
+def test_empirical_fisher_equals_loop():
+    model, batches, x, y = tiny("cnn")
+    value = curvreg.empirical_fisher_trace(model, ce, batches)
+    assert abs(value - loop_sq_grad_norms(model, ce, x, y).mean().item()) < 1e-12 * value
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    assert abs(value - tape.per_example_sq_grad_norms(ce(out, y)).mean().item()) < 1e-12 * value
+
+
+def test_fisher_trace_converges_to_exact_expectation():
+    model, batches, x, y = tiny("mlp")
+    probs = F.softmax(model(x), 1).detach()
+    exact = 0.0
+    for c in range(3):  # sum over all labels weighted by the model's probabilities
+        sq = loop_sq_grad_norms(model, ce, x, torch.full_like(y, c))
+        exact += (probs[:, c] * sq).mean().item()
+    est = curvreg.fisher_trace(model, batches, num_samples=400, generator=torch.Generator().manual_seed(0))
+    assert abs(est.value - exact) < 4 * est.stderr
+
+
+def test_mode_is_never_changed_behind_the_callers_back():
+    model, batches, _, _ = tiny("mlp")
+    model.eval()
+    curvreg.hessian_trace(model, ce, batches, num_probes=2)
+    assert not model.training
+    curvreg.empirical_fisher_trace(model, ce, batches, mode="train")
+    assert not any(m.training for m in model.modules())
+
+
+def test_error_paths():
+    model, batches, _, _ = tiny("mlp")
+    with pytest.raises(ValueError, match="empty"):
+        curvreg.hessian_trace(model, ce, [], num_probes=2)
+    with pytest.raises(ValueError, match="one loss per example"):
+        curvreg.hessian_trace(model, lambda o, t: ce(o, t).mean(), batches, num_probes=2)
+    with pytest.raises(ValueError, match="one loss per example"):
+        curvreg.empirical_fisher_trace(model, lambda o, t: ce(o, t).mean(), batches)
+    with pytest.raises(ValueError, match="probe distribution 'cauchy'"):
+        curvreg.hessian_trace(model, ce, batches, num_probes=2, distribution="cauchy")
+    with pytest.raises(TypeError, match="floating-point"):
+        curvreg.hessian_trace(model, lambda o, t: t, batches, num_probes=2)
+    frozen = nn.Linear(4, 3).double().requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        curvreg.empirical_fisher_trace(frozen, ce, batches)
