@@ -3,10 +3,7 @@
 # CIFAR-10 with curvature + L2. Extra arguments go to `curvreg train` (they override the preset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-"$VENV/bin/pip" install -q --disable-pip-version-check -e '.[lab,test]'
+source scripts/setup.sh
 if [ -z "${CURVREG_DATA:-}" ] && [ -f ../shared/data/cifar10.npz ]; then
   export CURVREG_DATA=$(cd ../shared/data && pwd)
 fi

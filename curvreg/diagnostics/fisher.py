@@ -15,17 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tape import GradNormTape
-from .hessian import _materialize, _params, model_mode
+from .hessian import _materialize, _params, check_per_example, model_mode
 from .trace import TraceEstimate
 
 
 def _sq_norms(model, x, targets_fn, loss_fn) -> Tensor:
     with GradNormTape(model) as tape:
         out = model(x)
-    losses = loss_fn(out, targets_fn(out))
-    if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
-        raise ValueError(f"loss_fn must return one loss per example, shape [{x.shape[0]}]; got "
-                         f"{tuple(losses.shape)} (use reduction='none')")
+    losses = check_per_example(loss_fn(out, targets_fn(out)), x.shape[0])
     return tape.per_example_sq_grad_norms(losses, create_graph=False)
 
 

@@ -51,13 +51,17 @@ def _params(model) -> List[Tensor]:
 
 
 def batch_mean_loss(model, loss_fn: LossFn, x, y) -> Tensor:
-    losses = loss_fn(model(x), y)
+    return check_per_example(loss_fn(model(x), y), x.shape[0]).mean()
+
+
+def check_per_example(losses: Tensor, n: int) -> Tensor:
+    """``losses`` if it is a floating ``[n]`` tensor, else a clear error."""
     if not losses.is_floating_point():
         raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
-    if losses.dim() != 1 or losses.shape[0] != x.shape[0]:
-        raise ValueError(f"loss_fn must return one loss per example, shape [{x.shape[0]}]; got "
+    if losses.dim() != 1 or losses.shape[0] != n:
+        raise ValueError(f"loss_fn must return one loss per example, shape [{n}]; got "
                          f"{tuple(losses.shape)} (use reduction='none')")
-    return losses.mean()
+    return losses
 
 
 def hessian_vector_product(model: nn.Module, loss_fn: LossFn, batches: Iterable, vec: Tensor,
