@@ -6,7 +6,7 @@ from .rules import LayerRule, default_rules
 from .tape import FallbackWarning, GradNormTape
 from .diagnostics import (TraceEstimate, empirical_fisher_trace, fisher_trace, hessian_trace,
                           hessian_vector_product, hutchinson_trace, hutchpp_trace, model_mode,
-                          top_hessian_eigenvalues)
+                          SpectralDensity, hessian_spectral_density, top_hessian_eigenvalues)
 
 __all__ = [
     # core
@@ -14,5 +14,6 @@ __all__ = [
     # diagnostics
     "hessian_vector_product", "hessian_trace", "top_hessian_eigenvalues", "empirical_fisher_trace",
     "fisher_trace", "hutchinson_trace", "hutchpp_trace", "TraceEstimate", "model_mode",
+    "hessian_spectral_density", "SpectralDensity",
 ]
 __version__ = "0.1.0"

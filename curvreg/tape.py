@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .probe import check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
 
@@ -36,11 +37,13 @@ class FallbackWarning(UserWarning):
 class _Call:
     """One recorded call of a module that used trainable parameters."""
 
-    __slots__ = ("module", "path", "args", "kwargs", "outputs", "versions", "names", "keys")
+    __slots__ = ("module", "path", "args", "kwargs", "outputs", "index", "versions", "names", "keys")
 
-    def __init__(self, module, path, args, kwargs, outputs, used: Dict[str, int]):
+    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int]):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
-        self.outputs = outputs
+        floats = _float_tensors(output)
+        self.index = [i for i, t in enumerate(floats) if t.requires_grad]  # recorded outputs
+        self.outputs = [floats[i] for i in self.index]
         self.names = sorted(used)                 # parameter names relative to ``module``
         self.keys = [used[k] for k in self.names]  # id() of each parameter
         self.versions = [t._version for t in self._tensors()]
@@ -116,18 +119,33 @@ class GradNormTape:
             parameters and no rule use the exact ``torch.func`` fallback (with a warning).
         allow_override: let ``rules`` replace a built-in rule.
         group_size: m; see the module docstring. Must divide the batch size.
+        estimator: ``"exact"`` (default): the exact values. ``"probe"``: an unbiased,
+            differentiable estimate from ``num_probes`` random probes over every parameter (see
+            ``curvreg.probe``). ``"hybrid"``: exact for the parameters of cheap layers (Linear on
+            2-D inputs, Embedding, norm layers) plus probes over the rest (convolutions,
+            sequence Linear, fallback modules); still unbiased. After a call, ``tape.methods``
+            maps each module path to the method that ran for it.
+        num_probes: K >= 1 probes averaged by the probe estimators.
+        generator: ``torch.Generator`` for the probes (reproducible estimates).
+        distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"`` probes.
 
     The tape registers hooks only inside ``with``; they are removed on exit, even after an
     exception. It stores nothing on modules or parameters and never changes train/eval mode.
     """
 
     def __init__(self, model: nn.Module, *, rules: Optional[Mapping[type, LayerRule]] = None,
-                 allow_override: bool = False, group_size: int = 1):
+                 allow_override: bool = False, group_size: int = 1, estimator: str = "exact",
+                 num_probes: int = 1, generator: Optional[torch.Generator] = None,
+                 distribution: str = "rademacher"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTape needs an nn.Module, got {type(model).__name__}")
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        check_options(estimator, num_probes, distribution)
         self.model, self.group_size = model, group_size
+        self.estimator, self.num_probes = estimator, num_probes
+        self.generator, self.distribution = generator, distribution
+        self.methods: Dict[str, str] = {}
         self.rules = merge_rules(rules, allow_override)
         self._handles: list = []
         self._mode: Optional[_UsageMode] = None
@@ -146,7 +164,8 @@ class GradNormTape:
             raise RuntimeError("this GradNormTape is already active; tapes do not nest")
         self._params = {id(p): (n, p) for n, p in self.model.named_parameters() if p.requires_grad}
         if not self._params:
-            raise ValueError("nothing to differentiate: the model has no parameter with "
+            what = "differentiate" if self.estimator == "exact" else "probe"
+            raise ValueError(f"nothing to {what}: the model has no parameter with "
                              "requires_grad=True")
         self._paths = {id(m): p for p, m in self.model.named_modules()}
         for path, module in self.model.named_modules():
@@ -209,9 +228,7 @@ class GradNormTape:
             return
         _, used = self._stack.pop()
         if used:
-            outputs = [t for t in _float_tensors(output) if t.requires_grad]
-            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, outputs,
-                                     used))
+            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output, used))
 
     def _on_op(self, args, kwargs, out):
         for a in _op_params(args, kwargs):
@@ -296,34 +313,62 @@ class GradNormTape:
         if n % self.group_size:
             raise ValueError(f"group_size={self.group_size} does not divide the batch size {n}")
 
+    def _plan(self, live) -> List[tuple]:
+        """Per live call: (names computed exactly, names probed)."""
+        if self.estimator == "exact":
+            return [(c.names, []) for c, _ in live]
+        if self.estimator == "probe":
+            return [([], c.names) for c, _ in live]
+        ok = [type(c.module) in self.rules and hybrid_exact(c.module, c.args) for c, _ in live]
+        probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys}
+        return [([k for k, key in zip(c.names, c.keys) if key not in probed],
+                 [k for k, key in zip(c.names, c.keys) if key in probed]) for c, _ in live]
+
     def _accumulate(self, live, n: int) -> Tensor:
+        plan = self._plan(live)
+        self.methods = {}
+        for (c, _), (exact, probed) in zip(live, plan):
+            kinds = self.methods.get(c.path, "").split("+") if c.path in self.methods else []
+            for kind, names in (("exact", exact), ("probe", probed)):
+                if names and kind not in kinds:
+                    kinds.append(kind)
+            self.methods[c.path] = "+".join(kinds)
+        total = self._exact(live, plan, n)
+        est = self._probe(live, plan, n)
+        if est is not None:
+            total = est if total is None else total + est
+        return total
+
+    def _exact(self, live, plan, n: int) -> Optional[Tensor]:
         m = self.group_size
-        owners = Counter(key for c, _ in live for key in c.keys)
+        owners = Counter(key for (c, _), (names, _) in zip(live, plan)
+                         for k, key in zip(c.names, c.keys) if k in names)
         total, shared, fallbacks = None, {}, []
-        for c, d in live:
-            single = [k for k, key in zip(c.names, c.keys) if owners[key] == 1]
-            multi = [k for k, key in zip(c.names, c.keys) if owners[key] > 1]
+        for (c, d), (names, _) in zip(live, plan):
+            if not names:
+                continue
+            keys = [key for k, key in zip(c.names, c.keys) if k in names]
+            single = [k for k, key in zip(names, keys) if owners[key] == 1]
+            multi = [k for k, key in zip(names, keys) if owners[key] > 1]
             rule = self.rules.get(type(c.module))
-            if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in c.names):
+            if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
                 delta = d[0]
-                if delta.shape[0] != n:
-                    raise ValueError(f"module '{c.path}' ({type(c.module).__name__}) produced an "
-                                     f"output with leading dim {delta.shape[0]}, not the batch "
-                                     f"size {n}; keep the example dimension first and unmerged")
+                _check_leading(c, delta, n)
                 if single:
                     sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, c.args, delta, single, m)
                     total = sq if total is None else total + sq
                 grads = rule.grads(c.module, c.args, delta, multi, m) if multi else {}
             else:
                 fallbacks.append(f"{c.path} ({type(c.module).__name__})")
+                self.methods[c.path] = self.methods[c.path].replace("exact", "fallback")
                 grads = fallback_grads(c.module, c.path, c.args, c.kwargs, c.outputs, d,
-                                       c.names, m, n)
+                                       names, m, n)
                 single_grads = {k: v for k, v in grads.items() if k in single}
                 if single_grads:
                     sq = sq_from_grads(single_grads)
                     total = sq if total is None else total + sq
                 grads = {k: v for k, v in grads.items() if k not in single}
-            for k, key in zip(c.names, c.keys):
+            for k, key in zip(names, keys):
                 if k in grads:
                     shared[key] = grads[k] if key not in shared else shared[key] + grads[k]
         if shared:
@@ -332,8 +377,32 @@ class GradNormTape:
         if fallbacks:
             warnings.warn("curvreg: no exact rule for these modules; using the per-example "
                           "torch.func fallback (slower): " + ", ".join(sorted(set(fallbacks))),
-                          FallbackWarning, stacklevel=3)
+                          FallbackWarning, stacklevel=4)
         return total
+
+    def _probe(self, live, plan, n: int) -> Optional[Tensor]:
+        """(1/K) sum_k (g_group . v_k)^2 over the probed parameters (see ``curvreg.probe``)."""
+        work = [(c, d, names) for (c, d), (_, names) in zip(live, plan) if names]
+        if not work:
+            return None
+        keys = {key for c, _, names in work for k, key in zip(c.names, c.keys) if k in names}
+        order = [key for key in self._params if key in keys]  # model order: reproducible draws
+        est = None
+        for _ in range(self.num_probes):
+            vs = {key: draw(self._params[key][1], self.distribution, self.generator) for key in order}
+            dot = None
+            for c, d, names in work:
+                local = {k: vs[key] for k, key in zip(c.names, c.keys) if k in names}
+                tangents = local_tangents(c, names, local)
+                for t, delta in zip(tangents, d):
+                    if delta is None:
+                        continue
+                    _check_leading(c, delta, n)
+                    part = (delta * t).reshape(n, -1).sum(1)
+                    dot = part if dot is None else dot + part
+            g = dot.view(n // self.group_size, self.group_size).sum(1)
+            est = g * g if est is None else est + g * g
+        return est / self.num_probes
 
 
 def _op_params(args, kwargs):
@@ -343,6 +412,13 @@ def _op_params(args, kwargs):
             yield a
         elif isinstance(a, (list, tuple)):
             yield from (b for b in a if isinstance(b, nn.Parameter))
+
+
+def _check_leading(c: _Call, delta: Tensor, n: int) -> None:
+    if delta.shape[0] != n:
+        raise ValueError(f"module '{c.path}' ({type(c.module).__name__}) produced an output with "
+                         f"leading dim {delta.shape[0]}, not the batch size {n}; keep the example "
+                         "dimension first and unmerged")
 
 
 def _sq_via_grads(rule: LayerRule):

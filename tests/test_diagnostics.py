@@ -117,3 +117,37 @@ def test_error_paths():
     frozen = nn.Linear(4, 3).double().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         curvreg.empirical_fisher_trace(frozen, ce, batches)
+
+
+def test_slq_full_krylov_space_recovers_the_spectrum():
+    model, batches, x, y = tiny("mlp")
+    h = dense_hessian(model, x, y)
+    evals = torch.linalg.eigvalsh(h)
+    dim = h.shape[0]
+    sd = curvreg.hessian_spectral_density(model, ce, batches, num_runs=3, num_steps=dim,
+                                          generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sd.weights.sum(1), torch.ones(3, dtype=torch.double))
+    # With m = D steps each run's quadrature is exact for polynomials of degree < 2D:
+    # sum_l w_l theta_l^p = v^T H^p v / v^T v, and the Ritz values with weight are eigenvalues.
+    gen = torch.Generator().manual_seed(0)
+    vs = torch.randint(0, 2, (3, dim), generator=gen).double() * 2 - 1
+    for p in (1, 2, 3):
+        want = torch.stack([v @ torch.linalg.matrix_power(h, p) @ v / (v @ v) for v in vs])
+        got = (sd.weights * sd.nodes ** p).sum(1)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-12)
+    heavy = sd.nodes[0][sd.weights[0] > 1e-8]
+    assert (heavy[:, None] - evals[None]).abs().min(1).values.max() < 1e-8 * evals.abs().max()
+
+
+def test_slq_trace_and_density_are_consistent():
+    model, batches, x, y = tiny("cnn")
+    h = dense_hessian(model, x, y)
+    sd = curvreg.hessian_spectral_density(model, ce, batches, num_runs=60, num_steps=12,
+                                          generator=torch.Generator().manual_seed(3))
+    mean, se = sd.moment(lambda t: t)
+    assert abs(sd.dim * mean - torch.trace(h).item()) < 4 * sd.dim * se
+    grid = torch.linspace(sd.nodes.min().item() - 1, sd.nodes.max().item() + 1, 4001)
+    dens = sd.density(grid, sigma=0.05)
+    assert abs(torch.trapezoid(dens, grid).item() - 1) < 1e-3  # a probability density
+    with pytest.raises(ValueError, match="num_runs"):
+        curvreg.hessian_spectral_density(model, ce, batches, num_runs=0)

@@ -38,8 +38,9 @@ def test_loss_decreases_and_files_written(tmp_path):
     assert summary["config"]["alpha"] == 5e-4 and "torch" in summary["versions"]
 
 
-def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
-    cfg = {**QUICK, "epochs": 3, "augment": True}
+@pytest.mark.parametrize("estimator", ["exact", "probe"])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch, estimator):
+    cfg = {**QUICK, "epochs": 3, "augment": True, "curvature_estimator": estimator}
     train_mod.train(cfg, tmp_path / "full", progress=False)
     real = train_mod.Trainer.run_epoch
 
@@ -55,6 +56,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
     assert len(metrics(tmp_path / "cut")) == 2
     train_mod.resume(tmp_path / "cut", progress=False)
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["curvature_estimator"] == estimator
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -101,8 +103,10 @@ def test_config_errors_name_the_field():
         make_config({"method": "adam"})
     with pytest.raises(ConfigError, match="unknown preset 'fc9'"):
         make_config({"preset": "fc9"})
-    with pytest.raises(ConfigError, match="'probe' is not available"):
-        train_mod.Trainer(make_config({**QUICK, "curvature_estimator": "probe"}), "/nonexistent")
+    with pytest.raises(ConfigError, match="'curvature_estimator' must be one of"):
+        make_config({"curvature_estimator": "sketch"})
+    with pytest.raises(ConfigError, match="'num_probes'"):
+        make_config({"num_probes": 0})
 
 
 def test_cli_errors_and_help(tmp_path, capsys):

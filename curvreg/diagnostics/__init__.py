@@ -4,8 +4,9 @@ Objective: L(theta) = mean of l_i over every example in ``batches`` (accumulated
 """
 from .hessian import hessian_trace, hessian_vector_product, model_mode, top_hessian_eigenvalues
 from .fisher import empirical_fisher_trace, fisher_trace
+from .spectrum import SpectralDensity, hessian_spectral_density, lanczos
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __all__ = ["hessian_vector_product", "hessian_trace", "top_hessian_eigenvalues", "model_mode",
            "empirical_fisher_trace", "fisher_trace", "TraceEstimate", "hutchinson_trace",
-           "hutchpp_trace"]
+           "hutchpp_trace", "hessian_spectral_density", "SpectralDensity", "lanczos"]

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .lanczos import lanczos_steps, tridiagonal
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -100,6 +101,7 @@ class EigenResult:
     eigenvalues: List[float]   # descending
     residuals: List[float]     # ||H u - lambda u|| for each Ritz pair
     iterations: int
+    converged: bool            # every residual <= tol * max(1, |lambda|)
 
 
 def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable, k: int = 1, *,
@@ -117,25 +119,14 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable
     with model_mode(model, mode):
         mv = lambda v: hessian_vector_product(model, loss_fn, batches, v)  # noqa: E731
         v = torch.randn(dim, generator=generator, dtype=torch.float64).to(params[0])
-        basis, alphas, betas = [v / v.norm()], [], []
-        for it in range(min(max_iter, dim)):
-            w = mv(basis[-1])
-            alphas.append((w @ basis[-1]).item())
-            q = torch.stack(basis, 1)
-            w = w - q @ (q.T @ w)
-            w = w - q @ (q.T @ w)  # twice is enough (Kahan)
-            t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                b = torch.tensor(betas, dtype=torch.float64)
-                t += torch.diag(b, 1) + torch.diag(b, -1)
-            evals, evecs = torch.linalg.eigh(t)
-            beta = w.norm().item()
+        for alphas, betas, beta in lanczos_steps(mv, v, min(max_iter, dim)):
+            evals, evecs = torch.linalg.eigh(tridiagonal(alphas, betas))
             m = len(alphas)
             top = range(m - 1, max(m - 1 - k, -1), -1)
             res = [abs(beta * evecs[-1, j].item()) for j in top]
-            if m >= k and (all(r <= tol * max(1.0, abs(evals[j].item())) for r, j in zip(res, top))
-                           or beta < 1e-12 or m == dim):
+            done = all(r <= tol * max(1.0, abs(evals[j].item())) for r, j in zip(res, top))
+            if m >= k and done:
                 break
-            betas.append(beta)
-            basis.append(w / beta)
-        return EigenResult([evals[j].item() for j in top], res, it + 1)
+        if m < k:
+            raise RuntimeError(f"the Krylov space has dimension {m} < k={k}; try another generator")
+        return EigenResult([evals[j].item() for j in top], res, m, done)

@@ -1,4 +1,4 @@
-"""``curvreg`` command line: ``curvreg train ...``; see ``curvreg --help``."""
+"""``curvreg`` command line: ``curvreg train|sharpness ...``; see ``curvreg --help``."""
 from __future__ import annotations
 
 import argparse
@@ -56,10 +56,29 @@ def _train_parser(sub) -> None:
                    help="progress bars (default: only on a terminal)")
 
 
+def _sharpness_parser(sub) -> None:
+    p = sub.add_parser("sharpness", help="Hessian/Fisher traces and top eigenvalues of a saved run",
+                       description="Evaluate a saved model on (a subset of) its training split in "
+                                   "eval mode; prints a table and writes sharpness.json.")
+    p.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data", dest="data_dir", help="dataset directory (default: the run's, else "
+                                                   "$CURVREG_DATA)")
+    p.add_argument("--subset", type=int, default=2048, help="first N training examples (default 2048)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--probes", type=int, default=100, help="Hutchinson probes for tr(H) (default 100)")
+    p.add_argument("--fisher-samples", type=int, default=16, help="label draws for tr(F) (default 16)")
+    p.add_argument("--eigs", type=int, default=3, help="top Hessian eigenvalues (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/sharpness.json)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="curvreg", description="Curvature regularization toolkit.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _sharpness_parser(sub)
     return ap
 
 
@@ -91,10 +110,24 @@ def cmd_train(args) -> int:
     return EXIT_DIVERGED if summary["status"] == "diverged" else 0
 
 
+def cmd_sharpness(args) -> int:
+    from .sharpness import run_sharpness, table
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    res = run_sharpness(args.run, data_dir=args.data_dir, subset=args.subset,
+                        batch_size=args.batch_size, probes=args.probes,
+                        fisher_samples=args.fisher_samples, eigs=args.eigs, seed=args.seed,
+                        device=args.device, out=args.out, progress=progress)
+    print(f"{res['model']} on {res['num_examples']} {res['dataset']} training examples, "
+          f"epoch {res['epoch']}, eval mode")
+    print(table(res))
+    print(f"written to {res['written_to']}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "sharpness": cmd_sharpness}[args.command](args)
     except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
         print(f"curvreg {args.command}: error: {e}", file=sys.stderr)
         return 2

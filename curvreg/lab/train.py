@@ -29,7 +29,7 @@ import curvreg
 
 from .config import ConfigError, TrainConfig, make_config
 from .data import _atomic_write, load_arrays
-from .loader import epoch_batches, prepare
+from .loader import Splits, epoch_batches, prepare
 from .models import build_model
 
 EXIT_DIVERGED = 3
@@ -77,35 +77,46 @@ def _write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
+def model_from_config(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The model a run of ``cfg`` trains (initialized from the current torch seed)."""
+    kw = dict(num_classes=num_classes, activation=cfg.activation)
+    if cfg.model == "allcnn":
+        kw.update(width=cfg.width, dropout=cfg.dropout)
+    return build_model(cfg.model, **kw)
+
+
+def data_from_config(cfg: TrainConfig, device) -> Splits:
+    """The normalized train/val/test tensors of a run of ``cfg`` on ``device``."""
+    arrays = load_arrays(cfg.dataset, cfg.data_dir, download_ok=cfg.download)
+    return prepare(arrays, val_size=cfg.val_size, split_seed=cfg.split_seed,
+                   train_subset=cfg.train_subset, normalization=cfg.normalization,
+                   zca_eps=cfg.zca_eps, coarse=cfg.coarse_labels, device=device)
+
+
 class Trainer:
     """Builds data and model from a config and runs epochs, writing the run directory."""
 
     def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool] = None):
-        if cfg.curvature_estimator != "exact":
-            raise ConfigError(f"curvature_estimator '{cfg.curvature_estimator}' is not available "
-                              "yet; use 'exact'")
         self.cfg, self.out = cfg, Path(out)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = resolve_device(cfg.device)
         self.progress = sys.stderr.isatty() if progress is None else progress
-        arrays = load_arrays(cfg.dataset, cfg.data_dir, download_ok=cfg.download)
-        self.data = prepare(arrays, val_size=cfg.val_size, split_seed=cfg.split_seed,
-                            train_subset=cfg.train_subset, normalization=cfg.normalization,
-                            zca_eps=cfg.zca_eps, coarse=cfg.coarse_labels, device=self.device)
+        self.data = data_from_config(cfg, self.device)
         torch.manual_seed(cfg.seed)
-        kw = dict(num_classes=self.data.num_classes, activation=cfg.activation)
-        if cfg.model == "allcnn":
-            kw.update(width=cfg.width, dropout=cfg.dropout)
-        self.model = build_model(cfg.model, **kw).to(self.device)
+        self.model = model_from_config(cfg, self.data.num_classes).to(self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.epoch, self.history = 0, []
+        # Probe draws for estimator probe/hybrid; separate from the data RNG so that switching
+        # estimator leaves the data order unchanged.
+        self.probe_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17 + self.rank)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "epoch": self.epoch, "history": self.history, "rng": torch.get_rng_state()}
+                "epoch": self.epoch, "history": self.history, "rng": torch.get_rng_state(),
+                "probe_rng": self.probe_gen.get_state()}
 
     def save_checkpoint(self) -> None:
         if self.rank == 0:
@@ -118,6 +129,8 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.epoch, self.history = state["epoch"], state["history"]
         torch.set_rng_state(state["rng"])
+        if "probe_rng" in state:
+            self.probe_gen.set_state(state["probe_rng"].cpu())
         self._write_metrics()
 
     def _write_metrics(self) -> None:
@@ -130,7 +143,10 @@ class Trainer:
         """(objective, losses, sq or None, logits) on this rank's slice."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda")
         if alpha > 0:
-            with curvreg.GradNormTape(self.model) as tape, autocast:
+            cfg = self.cfg
+            with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
+                                      num_probes=cfg.num_probes, generator=self.probe_gen,
+                                      ) as tape, autocast:
                 out = self.model(x)
             losses = F.cross_entropy(out.float(), y, reduction="none")
             sq = tape.per_example_sq_grad_norms(losses)

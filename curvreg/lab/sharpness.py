@@ -1,0 +1,137 @@
+"""``curvreg sharpness``: Hessian and Fisher traces of a saved run, with error bars.
+
+All quantities refer to the mean cross-entropy L = mean_i l_i over the first ``subset`` examples
+of the run's training split (same normalization, no augmentation), with the model in eval mode:
+
+    tr(H)      Hutchinson over exact HVPs, +- standard error over probes
+    tr(F_bar)  exact mean_i ||grad l_i||^2 (the curvature penalty R)
+    tr(F)      Monte Carlo over labels y ~ softmax(f(x)), +- standard error over label draws
+    lambda_k   top-k Hessian eigenvalues (Lanczos), with residuals ||H u - lambda u||
+
+Ratios carry first-order propagated errors: for r = a / b, se(r) = |r| sqrt((se_a/a)^2 + (se_b/b)^2).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import curvreg
+
+from .config import ConfigError, make_config
+from .train import _bar, _write_json, data_from_config, model_from_config, resolve_device
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def load_run(path: Path, device: str = "auto", data_dir: Optional[str] = None):
+    """(config, model with the checkpoint's weights, data splits) of a run directory or checkpoint."""
+    path = Path(path)
+    run_dir = path.parent if path.is_file() else path
+    ckpt = path if path.is_file() else path / "checkpoint.pt"
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json; pass a curvreg run directory or its "
+                                "checkpoint.pt")
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} does not exist; the run has not finished an epoch yet")
+    values = json.loads((run_dir / "config.json").read_text())
+    if data_dir is not None:
+        values["data_dir"] = data_dir
+    values["device"] = device
+    cfg = make_config(values)
+    dev = resolve_device(cfg.device)
+    data = data_from_config(cfg, dev)
+    model = model_from_config(cfg, data.num_classes).to(dev)
+    state = torch.load(ckpt, map_location=dev, weights_only=False)
+    model.load_state_dict(state["model"])
+    return cfg, model, data, int(state.get("epoch", 0))
+
+
+def _ratio(a, sa, b, sb) -> dict:
+    return {"value": a / b, "stderr": math.sqrt((sa / b) ** 2 + (a * sb / b ** 2) ** 2)}
+
+
+def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs: int = 3,
+            eig_tol: float = 1e-3, seed: int = 0, progress: bool = False) -> dict:
+    """All sharpness quantities of ``model`` (put in eval mode for the duration) on ``batches``."""
+    gen = lambda k: torch.Generator().manual_seed(seed * 7919 + k)  # noqa: E731
+    out, start = {}, time.perf_counter()
+    with curvreg.model_mode(model, "eval"):
+        params = [p for p in model.parameters() if p.requires_grad]
+        dim = sum(p.numel() for p in params)
+        bar = _bar(probes, "hessian trace", progress)
+
+        def matvec(v):
+            bar.update(1)
+            return curvreg.hessian_vector_product(model, ce, batches, v)
+
+        h = curvreg.hutchinson_trace(matvec, dim, probes, generator=gen(1), dtype=params[0].dtype,
+                                     device=params[0].device)
+        bar.close()
+        fbar = curvreg.empirical_fisher_trace(model, ce, batches)
+        fish = curvreg.fisher_trace(model, batches, num_samples=fisher_samples, generator=gen(2))
+        top = curvreg.top_hessian_eigenvalues(model, ce, batches, k=eigs, tol=eig_tol,
+                                              max_iter=200, generator=gen(3))
+        with torch.no_grad():
+            logits = [(model(x), y) for x, y in batches]
+    n = sum(len(y) for _, y in logits)
+    out.update({
+        "num_params": dim,
+        "loss": sum(ce(o, y).sum().item() for o, y in logits) / n,
+        "accuracy": sum((o.argmax(1) == y).sum().item() for o, y in logits) / n,
+        "hessian_trace": {"value": h.value, "stderr": h.stderr, "num_probes": h.num_probes},
+        "empirical_fisher_trace": fbar,
+        "fisher_trace": {"value": fish.value, "stderr": fish.stderr, "num_samples": fish.num_probes},
+        "top_eigenvalues": top.eigenvalues, "eigen_residuals": top.residuals,
+        "eigen_iterations": top.iterations, "eigen_converged": top.converged,
+        "ratios": {"empirical_fisher/hessian": _ratio(fbar, 0.0, h.value, h.stderr),
+                   "fisher/hessian": _ratio(fish.value, fish.stderr, h.value, h.stderr)},
+    })
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def table(res: dict) -> str:
+    h, f, r = res["hessian_trace"], res["fisher_trace"], res["ratios"]
+    rows = [("tr(H)", f"{h['value']:.5g} +- {h['stderr']:.2g}  ({h['num_probes']} probes)"),
+            ("tr(F_bar) (exact)", f"{res['empirical_fisher_trace']:.5g}"),
+            ("tr(F)", f"{f['value']:.5g} +- {f['stderr']:.2g}  ({f['num_samples']} label draws)"),
+            ("top eigenvalues", ", ".join(f"{e:.5g}" for e in res["top_eigenvalues"])),
+            ("tr(F_bar)/tr(H)", "{value:.4g} +- {stderr:.2g}".format(**r["empirical_fisher/hessian"])),
+            ("tr(F)/tr(H)", "{value:.4g} +- {stderr:.2g}".format(**r["fisher/hessian"])),
+            ("loss / accuracy", f"{res['loss']:.4g} / {res['accuracy']:.4f}")]
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 512,
+                  probes: int = 100, fisher_samples: int = 16, eigs: int = 3, seed: int = 0,
+                  device: str = "auto", out: Optional[Path] = None, progress: bool = False) -> dict:
+    """Evaluate a saved run and write ``sharpness.json`` (into the run directory by default)."""
+    for name, value, low in (("--subset", subset, 1), ("--batch-size", batch_size, 1),
+                             ("--probes", probes, 2), ("--fisher-samples", fisher_samples, 2),
+                             ("--eigs", eigs, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    cfg, model, data, epoch = load_run(path, device, data_dir)
+    n = min(subset, data.x_train.shape[0])
+    batches = [(data.x_train[i:min(n, i + batch_size)], data.y_train[i:min(n, i + batch_size)])
+               for i in range(0, n, batch_size)]
+    res = {"source": str(path), "epoch": epoch, "num_examples": n, "split": "train",
+           "mode": "eval", "seed": seed, "model": cfg.model, "dataset": cfg.dataset,
+           "alpha": cfg.alpha, "weight_decay": cfg.weight_decay}
+    res.update(measure(model, batches, probes=probes, fisher_samples=fisher_samples, eigs=eigs,
+                       seed=seed, progress=progress))
+    path = Path(path)
+    target = Path(out) if out else (path.parent if path.is_file() else path) / "sharpness.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(target, res)
+    res["written_to"] = str(target)
+    return res

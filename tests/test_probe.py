@@ -1,0 +1,109 @@
+"""Probe estimators (estimator="probe"|"hybrid"): unbiased values and gradients, in float64.
+
+Every check compares a Monte Carlo mean with the exact value within 4 standard errors that are
+computed from the samples themselves.
+"""
+import pytest
+import torch
+from torch import nn
+
+import curvreg
+
+from models import build, ce
+
+MODELS = ["mlp", "conv2d_stride_pad", "layernorm_groupnorm", "tied_embedding", "fallback_custom",
+          "fallback_attention"]
+
+
+def estimate(model, x, y, seed, create_graph=False, **kw):
+    with curvreg.GradNormTape(model, generator=torch.Generator().manual_seed(seed), **kw) as tape:
+        out = model(x)
+    return tape.per_example_sq_grad_norms(ce(out, y), create_graph=create_graph), tape
+
+
+def exact(model, x, y, **kw):
+    return estimate(model, x, y, 0, **kw)[0]
+
+
+def within(samples, want, k=4.0):
+    mean = samples.mean(0)
+    se = samples.std(0) / samples.shape[0] ** 0.5
+    return ((mean - want).abs() <= k * se + 1e-12 * want.abs().max()).all()
+
+
+@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
+@pytest.mark.parametrize("case", MODELS)
+def test_unbiased_values(case, estimator):
+    model, x, y = build(case, 5)
+    want = exact(model, x, y)
+    runs = [estimate(model, x, y, s, estimator=estimator, num_probes=2) for s in range(200)]
+    samples = torch.stack([sq for sq, _ in runs])
+    assert within(samples, want)
+    if "probe" in "".join(runs[0][1].methods.values()):  # an estimate, not the exact value
+        assert not torch.allclose(samples[0], want)
+    else:
+        assert torch.allclose(samples, want.expand_as(samples), rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["conv2d_stride_pad", "mlp"])
+def test_gaussian_probes_unbiased_with_the_documented_variance(case):
+    model, x, y = build(case, 5)
+    want = exact(model, x, y)
+    s = torch.stack([estimate(model, x, y, i, estimator="probe", distribution="gaussian")[0]
+                     for i in range(400)])
+    assert within(s, want)
+    # One Gaussian probe: Var[(g.v)^2] = 2 ||g||^4. The sample variance of a scaled chi^2_1 has
+    # relative standard error sqrt(14 / 400) ~ 0.19, so this band is ~2.5 of them wide; a
+    # probe scaled by sqrt(2), or K miscounted, would fall outside it.
+    ratio = (s.var(0) / (2 * want ** 2)).mean().item()
+    assert 0.5 < ratio < 1.6
+
+
+@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
+def test_penalty_gradient_unbiased(estimator):
+    model, x, y = build("layernorm_groupnorm", 4)
+    params = list(model.parameters())
+
+    def grad_of(sq):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(sq.mean(), params)])
+
+    want = grad_of(exact(model, x, y, create_graph=True))
+    samples = torch.stack([grad_of(estimate(model, x, y, s, create_graph=True,
+                                            estimator=estimator)[0]) for s in range(400)])
+    assert within(samples, want, k=4.5)
+
+
+def test_group_size_and_determinism():
+    model, x, y = build("conv2d_stride_pad", 6)
+    want = exact(model, x, y, group_size=3)
+    samples = torch.stack([estimate(model, x, y, s, estimator="probe", group_size=3)[0]
+                           for s in range(300)])
+    assert samples.shape == (300, 2) and within(samples, want)
+    a = estimate(model, x, y, 7, estimator="hybrid", num_probes=3)[0]
+    b = estimate(model, x, y, 7, estimator="hybrid", num_probes=3)[0]
+    assert torch.equal(a, b)
+
+
+def test_hybrid_split_is_reported_and_exact_where_nothing_is_probed():
+    model, x, y = build("layernorm_groupnorm", 4)
+    _, tape = estimate(model, x, y, 0, estimator="hybrid")
+    assert tape.methods == {"0": "probe", "1": "exact", "4": "exact", "5": "exact", "6": "exact"}
+    model, x, y = build("mlp", 4)  # every layer has a cheap exact rule: no noise at all
+    got, tape = estimate(model, x, y, 0, estimator="hybrid")
+    assert torch.allclose(got, exact(model, x, y), rtol=1e-12)
+    assert set(tape.methods.values()) == {"exact"}
+    _, tape = estimate(*build("fallback_custom", 4), 0)
+    assert tape.methods["1"] == "fallback"
+
+
+def test_errors():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="num_probes"):
+        curvreg.GradNormTape(model, estimator="probe", num_probes=0)
+    with pytest.raises(ValueError, match="probe distribution 'cauchy'"):
+        curvreg.GradNormTape(model, estimator="probe", distribution="cauchy")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        curvreg.GradNormTape(model, estimator="sketch")
+    with pytest.raises(ValueError, match="nothing to probe"):
+        with curvreg.GradNormTape(nn.Linear(3, 2).requires_grad_(False), estimator="probe"):
+            pass

@@ -1,0 +1,53 @@
+"""``curvreg sharpness`` on a saved run: files, consistency with the library, errors."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvreg.lab import train as train_mod
+from curvreg.lab.cli import main
+from curvreg.lab.sharpness import ce, load_run
+from curvreg.reference import loop_sq_grad_norms
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("CURVREG_DATA", str(ROOT.parent / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not Path(DATA, "cifar10.npz").is_file(), reason="no CIFAR-10 copy")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharp") / "run"
+    train_mod.train(dict(preset="fc512-cifar10", train_subset=256, val_size=200, batch_size=64,
+                         epochs=1, data_dir=DATA, fisher_eval_size=64), out, progress=False)
+    return out
+
+
+def test_cli_writes_sharpness_json(run, capsys):
+    args = ["sharpness", str(run), "--subset", "48", "--batch-size", "32", "--probes", "6",
+            "--fisher-samples", "3", "--eigs", "2", "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "tr(F_bar)/tr(H)" in printed and "sharpness.json" in printed
+    res = json.loads((run / "sharpness.json").read_text())
+    assert res["num_examples"] == 48 and res["mode"] == "eval" and res["epoch"] == 1
+    assert res["hessian_trace"]["num_probes"] == 6 and res["hessian_trace"]["stderr"] > 0
+    assert len(res["top_eigenvalues"]) == 2 and res["top_eigenvalues"][0] >= res["top_eigenvalues"][1]
+    r = res["ratios"]["empirical_fisher/hessian"]
+    assert r["value"] == pytest.approx(res["empirical_fisher_trace"] / res["hessian_trace"]["value"])
+    # tr(F_bar) is the exact mean squared per-example gradient norm of the saved model.
+    _, model, data, _ = load_run(run, "cpu", DATA)
+    sq = loop_sq_grad_norms(model, ce, data.x_train[:48], data.y_train[:48])
+    assert res["empirical_fisher_trace"] == pytest.approx(sq.mean().item(), rel=1e-4)
+    # Same seed, same numbers (checkpoint path form, explicit --out).
+    assert main(args[:1] + [str(run / "checkpoint.pt")] + args[2:] + ["--out", str(run / "again.json")]) == 0
+    again = json.loads((run / "again.json").read_text())
+    assert again["hessian_trace"] == res["hessian_trace"] and again["fisher_trace"] == res["fisher_trace"]
+
+
+def test_cli_errors(run, tmp_path, capsys):
+    assert main(["sharpness", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["sharpness", str(run), "--probes", "1"]) == 2
+    assert "--probes must be >= 2" in capsys.readouterr().err
