@@ -91,6 +91,8 @@ def test_fisher_trace_converges_to_exact_expectation():
         exact += (probs[:, c] * sq).mean().item()
     est = curvreg.fisher_trace(model, batches, num_samples=400, generator=torch.Generator().manual_seed(0))
     assert abs(est.value - exact) < 4 * est.stderr
+    full = curvreg.fisher_trace(model, batches, labels="all")
+    assert abs(full.value - exact) < 1e-12 * exact and full.num_probes == 3
 
 
 def test_mode_is_never_changed_behind_the_callers_back():
@@ -151,3 +153,16 @@ def test_slq_trace_and_density_are_consistent():
     assert abs(torch.trapezoid(dens, grid).item() - 1) < 1e-3  # a probability density
     with pytest.raises(ValueError, match="num_runs"):
         curvreg.hessian_spectral_density(model, ce, batches, num_runs=0)
+
+
+def test_relu_network_hessian_trace_equals_fisher_trace():
+    """For a piecewise-linear net with softmax cross-entropy, d^2 f / d theta_j^2 = 0, so
+    tr(H) = tr(Gauss-Newton) = tr(F) exactly (the label-sum Fisher, not the empirical one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(10, 4, dtype=torch.double), torch.randint(0, 3, (10,))
+    h = torch.trace(dense_hessian(model, x, y)).item()
+    f = curvreg.fisher_trace(model, [(x, y)], labels="all").value
+    fbar = curvreg.empirical_fisher_trace(model, ce, [(x, y)])
+    assert abs(h - f) < 1e-10 * h
+    assert abs(h - fbar) > 1e-3 * h  # the empirical Fisher is a different quantity

@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 def test_cli_writes_sharpness_json(run, capsys):
     args = ["sharpness", str(run), "--subset", "48", "--batch-size", "32", "--probes", "6",
-            "--fisher-samples", "3", "--eigs", "2", "--device", "cpu"]
+            "--fisher-labels", "sample", "--fisher-samples", "3", "--eigs", "2", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "tr(F_bar)/tr(H)" in printed and "sharpness.json" in printed
@@ -44,6 +44,13 @@ def test_cli_writes_sharpness_json(run, capsys):
     assert main(args[:1] + [str(run / "checkpoint.pt")] + args[2:] + ["--out", str(run / "again.json")]) == 0
     again = json.loads((run / "again.json").read_text())
     assert again["hessian_trace"] == res["hessian_trace"] and again["fisher_trace"] == res["fisher_trace"]
+    # Default for 10 classes: the exact label sum; a ReLU net has tr(H) = tr(F) exactly, so the
+    # Hutchinson estimate must cover it.
+    assert main(args[:6] + ["--probes", "60", "--eigs", "1", "--out", str(run / "exact.json")]) == 0
+    ex = json.loads((run / "exact.json").read_text())
+    assert ex["fisher_trace"]["labels"] == "all" and ex["fisher_trace"]["num_classes"] == 10
+    h = ex["hessian_trace"]
+    assert abs(h["value"] - ex["fisher_trace"]["value"]) < 4 * h["stderr"]
 
 
 def test_cli_errors(run, tmp_path, capsys):

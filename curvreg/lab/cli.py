@@ -1,4 +1,4 @@
-"""``curvreg`` command line: ``curvreg train|sharpness ...``; see ``curvreg --help``."""
+"""``curvreg`` command line: ``curvreg train|sharpness|sweep|report ...``; see ``curvreg --help``."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import CHOICES, PRESETS, ConfigError, load_config_file
 from .data import DataError
+from .store import StoreError
 
 FLAGS = [  # (flag, config field, type, help)
     ("--preset", "preset", str, f"named setting: {', '.join(PRESETS)}"),
@@ -66,7 +67,11 @@ def _sharpness_parser(sub) -> None:
     p.add_argument("--subset", type=int, default=2048, help="first N training examples (default 2048)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--probes", type=int, default=100, help="Hutchinson probes for tr(H) (default 100)")
-    p.add_argument("--fisher-samples", type=int, default=16, help="label draws for tr(F) (default 16)")
+    p.add_argument("--fisher-labels", default="auto",
+                   help="tr(F) by exact sum over 'all' labels or 'sample'd labels (default auto: "
+                        "all for <= 10 classes)")
+    p.add_argument("--fisher-samples", type=int, default=16, help="label draws for tr(F) when "
+                                                                  "sampling (default 16)")
     p.add_argument("--eigs", type=int, default=3, help="top Hessian eigenvalues (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -74,11 +79,28 @@ def _sharpness_parser(sub) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
 
 
+def _sweep_parsers(sub) -> None:
+    p = sub.add_parser("sweep", help="run or resume a grid of training runs",
+                       description="Run every point of a YAML/JSON sweep spec; re-running resumes.")
+    p.add_argument("spec", type=Path, metavar="SPEC")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default cores // workers)")
+    p.add_argument("--backend", default="local", help="local (default) or ray")
+    p.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
+    p.add_argument("--db", type=Path, help="SQLite store (default sweeps/<spec name>/sweep.db)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    r = sub.add_parser("report", help="tables and figures from a sweep store",
+                       description="Write table.md, runs.csv, figures and index.md from a sweep.")
+    r.add_argument("src", type=Path, metavar="SWEEP_DB_OR_DIR")
+    r.add_argument("--out", type=Path, help="output folder (default: report/ beside the store)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="curvreg", description="Curvature regularization toolkit.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
     _sharpness_parser(sub)
+    _sweep_parsers(sub)
     return ap
 
 
@@ -115,7 +137,8 @@ def cmd_sharpness(args) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     res = run_sharpness(args.run, data_dir=args.data_dir, subset=args.subset,
                         batch_size=args.batch_size, probes=args.probes,
-                        fisher_samples=args.fisher_samples, eigs=args.eigs, seed=args.seed,
+                        fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,
+                        eigs=args.eigs, seed=args.seed,
                         device=args.device, out=args.out, progress=progress)
     print(f"{res['model']} on {res['num_examples']} {res['dataset']} training examples, "
           f"epoch {res['epoch']}, eval mode")
@@ -124,11 +147,27 @@ def cmd_sharpness(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+    counts = run_sweep(args.spec, workers=args.workers, backend=args.backend, db=args.db,
+                       address=args.address, progress=args.progress, threads=args.threads)
+    print(json.dumps(counts))
+    return 0 if counts["pending"] == counts["running"] == counts["failed"] == 0 else 1
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+    out = make_report(args.src, args.out)
+    print(f"report in {out} (open {out / 'index.md'})")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sharpness": cmd_sharpness}[args.command](args)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+        return {"train": cmd_train, "sharpness": cmd_sharpness, "sweep": cmd_sweep,
+                "report": cmd_report}[args.command](args)
+    except (ConfigError, DataError, StoreError, FileExistsError, FileNotFoundError) as e:
         print(f"curvreg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -136,14 +136,20 @@ def make_config(overrides: Mapping[str, Any]) -> TrainConfig:
     return validate(TrainConfig(**values))
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
+def load_config_file(path) -> Dict[str, Any]:
     """A YAML or JSON mapping of config fields."""
     text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
+    if str(path).endswith((".yaml", ".yml")):
         import yaml
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config fields")
     return data

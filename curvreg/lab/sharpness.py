@@ -5,7 +5,8 @@ of the run's training split (same normalization, no augmentation), with the mode
 
     tr(H)      Hutchinson over exact HVPs, +- standard error over probes
     tr(F_bar)  exact mean_i ||grad l_i||^2 (the curvature penalty R)
-    tr(F)      Monte Carlo over labels y ~ softmax(f(x)), +- standard error over label draws
+    tr(F)      exact sum over labels weighted by softmax(f(x)) (default for <= 10 classes), or
+               Monte Carlo over labels y ~ softmax(f(x)), +- standard error over label draws
     lambda_k   top-k Hessian eigenvalues (Lanczos), with residuals ||H u - lambda u||
 
 Ratios carry first-order propagated errors: for r = a / b, se(r) = |r| sqrt((se_a/a)^2 + (se_b/b)^2).
@@ -59,7 +60,8 @@ def _ratio(a, sa, b, sb) -> dict:
 
 
 def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs: int = 3,
-            eig_tol: float = 1e-3, seed: int = 0, progress: bool = False) -> dict:
+            eig_tol: float = 1e-3, seed: int = 0, progress: bool = False,
+            fisher_labels: str = "auto") -> dict:
     """All sharpness quantities of ``model`` (put in eval mode for the duration) on ``batches``."""
     gen = lambda k: torch.Generator().manual_seed(seed * 7919 + k)  # noqa: E731
     out, start = {}, time.perf_counter()
@@ -76,7 +78,12 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
                                      device=params[0].device)
         bar.close()
         fbar = curvreg.empirical_fisher_trace(model, ce, batches)
-        fish = curvreg.fisher_trace(model, batches, num_samples=fisher_samples, generator=gen(2))
+        if fisher_labels == "auto":
+            with torch.no_grad():
+                classes = model(batches[0][0][:1]).shape[1]
+            fisher_labels = "all" if classes <= 10 else "sample"
+        fish = curvreg.fisher_trace(model, batches, num_samples=fisher_samples, generator=gen(2),
+                                    labels=fisher_labels)
         top = curvreg.top_hessian_eigenvalues(model, ce, batches, k=eigs, tol=eig_tol,
                                               max_iter=200, generator=gen(3))
         with torch.no_grad():
@@ -88,7 +95,8 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
         "accuracy": sum((o.argmax(1) == y).sum().item() for o, y in logits) / n,
         "hessian_trace": {"value": h.value, "stderr": h.stderr, "num_probes": h.num_probes},
         "empirical_fisher_trace": fbar,
-        "fisher_trace": {"value": fish.value, "stderr": fish.stderr, "num_samples": fish.num_probes},
+        "fisher_trace": {"value": fish.value, "stderr": fish.stderr, "labels": fisher_labels,
+                         "num_samples" if fisher_labels == "sample" else "num_classes": fish.num_probes},
         "top_eigenvalues": top.eigenvalues, "eigen_residuals": top.residuals,
         "eigen_iterations": top.iterations, "eigen_converged": top.converged,
         "ratios": {"empirical_fisher/hessian": _ratio(fbar, 0.0, h.value, h.stderr),
@@ -102,7 +110,8 @@ def table(res: dict) -> str:
     h, f, r = res["hessian_trace"], res["fisher_trace"], res["ratios"]
     rows = [("tr(H)", f"{h['value']:.5g} +- {h['stderr']:.2g}  ({h['num_probes']} probes)"),
             ("tr(F_bar) (exact)", f"{res['empirical_fisher_trace']:.5g}"),
-            ("tr(F)", f"{f['value']:.5g} +- {f['stderr']:.2g}  ({f['num_samples']} label draws)"),
+            ("tr(F)", f"{f['value']:.5g} +- {f['stderr']:.2g}  ({f['num_samples']} label draws)"
+             if f["labels"] == "sample" else f"{f['value']:.5g} (exact sum over {f['num_classes']} labels)"),
             ("top eigenvalues", ", ".join(f"{e:.5g}" for e in res["top_eigenvalues"])),
             ("tr(F_bar)/tr(H)", "{value:.4g} +- {stderr:.2g}".format(**r["empirical_fisher/hessian"])),
             ("tr(F)/tr(H)", "{value:.4g} +- {stderr:.2g}".format(**r["fisher/hessian"])),
@@ -113,13 +122,16 @@ def table(res: dict) -> str:
 
 def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 512,
                   probes: int = 100, fisher_samples: int = 16, eigs: int = 3, seed: int = 0,
-                  device: str = "auto", out: Optional[Path] = None, progress: bool = False) -> dict:
+                  device: str = "auto", out: Optional[Path] = None, progress: bool = False,
+                  fisher_labels: str = "auto") -> dict:
     """Evaluate a saved run and write ``sharpness.json`` (into the run directory by default)."""
     for name, value, low in (("--subset", subset, 1), ("--batch-size", batch_size, 1),
                              ("--probes", probes, 2), ("--fisher-samples", fisher_samples, 2),
                              ("--eigs", eigs, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if fisher_labels not in ("auto", "all", "sample"):
+        raise ConfigError(f"--fisher-labels must be auto, all or sample, got {fisher_labels!r}")
     cfg, model, data, epoch = load_run(path, device, data_dir)
     n = min(subset, data.x_train.shape[0])
     batches = [(data.x_train[i:min(n, i + batch_size)], data.y_train[i:min(n, i + batch_size)])
@@ -128,7 +140,7 @@ def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 
            "mode": "eval", "seed": seed, "model": cfg.model, "dataset": cfg.dataset,
            "alpha": cfg.alpha, "weight_decay": cfg.weight_decay}
     res.update(measure(model, batches, probes=probes, fisher_samples=fisher_samples, eigs=eigs,
-                       seed=seed, progress=progress))
+                       seed=seed, progress=progress, fisher_labels=fisher_labels))
     path = Path(path)
     target = Path(out) if out else (path.parent if path.is_file() else path) / "sharpness.json"
     target.parent.mkdir(parents=True, exist_ok=True)

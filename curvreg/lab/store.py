@@ -1,0 +1,180 @@
+"""SQLite results store of a sweep: one file, WAL mode, one row per run plus per-epoch metrics.
+
+Tables:
+    runs(hash PK, config JSON, status, attempts, created, started, finished, seconds, host, pid,
+         run_dir, summary JSON, error)
+    metrics(hash, epoch, data JSON)          -- one row per finished epoch of each run
+    meta(key PK, value)                      -- the spec, the driver holding the store
+
+status is one of pending, running, done, failed, diverged. Every change is one transaction, so a
+kill at any moment leaves either the old or the new row, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+STATUSES = ("pending", "running", "done", "failed", "diverged")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    hash TEXT PRIMARY KEY, config TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, created REAL, started REAL, finished REAL,
+    seconds REAL, host TEXT, pid INTEGER, run_dir TEXT, summary TEXT, error TEXT);
+CREATE TABLE IF NOT EXISTS metrics (
+    hash TEXT NOT NULL, epoch INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (hash, epoch));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """A sweep's SQLite file. Safe to open from several processes (WAL, busy timeout)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a usable sweep database ({e}); pass another "
+                             "--db or move the file away") from e
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    # ---------------------------------------------------------------- driver lock
+    def acquire_driver(self) -> None:
+        """Refuse a second live sweep driver on this store (same host, pid alive)."""
+        with self._tx():
+            row = self.db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
+            if row:
+                host, pid = json.loads(row[0])
+                if host == socket.gethostname() and pid != os.getpid() and _alive(pid):
+                    raise StoreError(f"another sweep (pid {pid}) is driving {self.path}; wait for "
+                                     "it or stop it first")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('driver', ?)",
+                            (json.dumps([socket.gethostname(), os.getpid()]),))
+
+    def release_driver(self) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM meta WHERE key='driver'")
+
+    def set_meta(self, key: str, value) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # ---------------------------------------------------------------- runs
+    def add(self, points: Sequence[tuple]) -> int:
+        """Insert (hash, config dict, run_dir) as pending unless present; returns how many were new."""
+        now = time.time()
+        with self._tx():
+            before = self.db.total_changes
+            self.db.executemany(
+                "INSERT OR IGNORE INTO runs (hash, config, created, run_dir) VALUES (?, ?, ?, ?)",
+                [(h, json.dumps(c, sort_keys=True), now, str(d)) for h, c, d in points])
+            return self.db.total_changes - before
+
+    def requeue_running(self) -> int:
+        """Runs left ``running`` by a killed driver go back to ``pending`` (they resume)."""
+        with self._tx():
+            return self.db.execute("UPDATE runs SET status='pending', pid=NULL "
+                                   "WHERE status='running'").rowcount
+
+    def claim(self, hashes: Sequence[str], max_attempts: int) -> Optional[sqlite3.Row]:
+        """Mark the first claimable run among ``hashes`` (in order) as running and return it."""
+        order = {h: i for i, h in enumerate(hashes)}
+        with self._tx():
+            rows = self.db.execute(
+                "SELECT * FROM runs WHERE status='pending' OR (status='failed' AND attempts < ?)",
+                (max_attempts,)).fetchall()
+            rows = sorted((r for r in rows if r["hash"] in order), key=lambda r: order[r["hash"]])
+            if not rows:
+                return None
+            h = rows[0]["hash"]
+            self.db.execute("UPDATE runs SET status='running', attempts=attempts+1, started=?, "
+                            "host=?, pid=NULL, error=NULL WHERE hash=?",
+                            (time.time(), socket.gethostname(), h))
+            return self.db.execute("SELECT * FROM runs WHERE hash=?", (h,)).fetchone()
+
+    def set_pid(self, h: str, pid: Optional[int], host: Optional[str] = None) -> None:
+        with self._tx():
+            self.db.execute("UPDATE runs SET pid=?, host=COALESCE(?, host) WHERE hash=?", (pid, host, h))
+
+    def finish(self, h: str, status: str, summary: Optional[dict], metrics: List[dict],
+               error: Optional[str] = None, host: Optional[str] = None) -> None:
+        if status not in ("done", "failed", "diverged"):
+            raise ValueError(f"bad final status {status!r}")
+        now = time.time()
+        with self._tx():
+            self.db.execute("DELETE FROM metrics WHERE hash=?", (h,))
+            self.db.executemany("INSERT INTO metrics VALUES (?, ?, ?)",
+                                [(h, m["epoch"], json.dumps(m, sort_keys=True)) for m in metrics])
+            self.db.execute("UPDATE runs SET status=?, finished=?, seconds=?-started, summary=?, "
+                            "error=?, pid=NULL, host=COALESCE(?, host) WHERE hash=?",
+                            (status, now, now, json.dumps(summary) if summary else None, error,
+                             host, h))
+
+    # ---------------------------------------------------------------- reading
+    def counts(self, hashes: Optional[Sequence[str]] = None) -> Dict[str, int]:
+        rows = self.db.execute("SELECT hash, status FROM runs").fetchall()
+        keep = set(hashes) if hashes is not None else None
+        out = {s: 0 for s in STATUSES}
+        for r in rows:
+            if keep is None or r["hash"] in keep:
+                out[r["status"]] += 1
+        return out
+
+    def runs(self) -> List[dict]:
+        out = []
+        for r in self.db.execute("SELECT * FROM runs ORDER BY created, hash").fetchall():
+            d = dict(r)
+            d["config"] = json.loads(d["config"])
+            d["summary"] = json.loads(d["summary"]) if d["summary"] else None
+            out.append(d)
+        return out
+
+    def metrics(self, h: str) -> List[dict]:
+        rows = self.db.execute("SELECT data FROM metrics WHERE hash=? ORDER BY epoch", (h,))
+        return [json.loads(r[0]) for r in rows.fetchall()]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *_):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,249 @@
+"""Sweeps: spec checks, resume, retries, real SIGKILLs of a worker and of the driver, Ray, report."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvreg.lab import report, sweep
+from curvreg.lab.cli import main
+from curvreg.lab.config import ConfigError
+from curvreg.lab.store import Store, StoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("CURVREG_DATA", str(ROOT.parent / "shared" / "data"))
+needs_data = pytest.mark.skipif(not Path(DATA, "cifar10.npz").is_file(), reason="no CIFAR-10 copy")
+BASE = ("base: {preset: fc512-cifar10, epochs: %d, train_subset: %d, val_size: 200, batch_size: 64, "
+        "fisher_eval_size: 64, schedule: constant}\n")
+TIMING = {"epoch_seconds", "examples_per_second"}
+
+
+def spec(tmp_path, grid, epochs=1, subset=256, extra="", name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(BASE % (epochs, subset) + f"grid: {grid}\n" + extra)
+    return path
+
+
+def runs_by_hash(db):
+    store = Store(db)
+    try:
+        return {r["hash"]: r for r in store.runs()}, store
+    finally:
+        pass
+
+
+def curves(store, h):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in store.metrics(h)]
+
+
+def wait_for(cond, timeout=120, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ----------------------------------------------------------------------- spec
+def test_spec_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {preset: fc512-cifar10}\ngird: {lr: [0.1]}\n")
+    with pytest.raises(ConfigError, match=r"unknown spec key\(s\) \['gird'\]"):
+        sweep.load_spec(bad)
+    bad.write_text("grid: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="grid field 'lr' must be a non-empty list"):
+        sweep.load_spec(bad)
+    bad.write_text("grid: {lr: [0.1, fast]}\n")
+    with pytest.raises(ConfigError, match=r"grid point \{'lr': 'fast'\}: field 'lr' must be float"):
+        sweep.expand(sweep.load_spec(bad))
+    assert main(["sweep", str(bad), "--db", str(tmp_path / "x.db")]) == 2
+
+
+def test_expand_product_extras_and_hash():
+    s = {"base": {"preset": "fc512-cifar10", "epochs": 1}, "grid": {"lr": [0.1, 0.2], "alpha": [0.0, 1.0]},
+         "extra": [{"lr": 0.1, "alpha": 0.0}, {"lr": 0.5}], "max_attempts": 3}
+    points = sweep.expand(s)
+    assert len(points) == 5  # 4 grid points + 1 new extra (the other duplicates a grid point)
+    assert {(p["lr"], p["alpha"]) for p in points} == {(0.1, 0.0), (0.1, 1.0), (0.2, 0.0), (0.2, 1.0), (0.5, 5e-4)}
+    a = sweep.config_hash({**points[0], "data_dir": "/a"})
+    assert a == sweep.config_hash({**points[0], "data_dir": "/b"}) != sweep.config_hash(points[1])
+
+
+def test_store_is_single_driver_and_rejects_garbage(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database " * 100)
+    with pytest.raises(StoreError, match="not a usable sweep database"):
+        Store(junk).runs()
+    store = Store(tmp_path / "s.db")
+    store.db.execute("INSERT INTO meta VALUES ('driver', ?)", (json.dumps([os.uname().nodename, 1]),))
+    with pytest.raises(StoreError, match="another sweep \\(pid 1\\)"):
+        store.acquire_driver()
+
+
+# ----------------------------------------------------------------------- local runs
+@needs_data
+def test_sweep_resumes_skips_done_and_adds_new_points(tmp_path, capsys):
+    db = tmp_path / "sw" / "sweep.db"
+    s = spec(tmp_path, "{lr: [0.05], alpha: [0.0, 0.01]}")
+    assert main(["sweep", str(s), "--db", str(db), "--workers", "2", "--threads", "1"]) == 0
+    first, store = runs_by_hash(db)
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in first.values()) and len(first) == 2
+    assert all(store.metrics(h) and r["summary"]["test_acc"] > 0 for h, r in first.items())
+    s.write_text(s.read_text().replace("alpha: [0.0, 0.01]", "alpha: [0.0, 0.01, 0.02]"))
+    assert main(["sweep", str(s), "--db", str(db), "--workers", "2", "--threads", "1"]) == 0
+    second, _ = runs_by_hash(db)
+    assert len(second) == 3
+    for h, r in first.items():  # untouched: not re-run
+        assert second[h]["finished"] == r["finished"] and second[h]["attempts"] == 1
+    assert "1 new" in capsys.readouterr().out
+
+
+@needs_data
+def test_failed_runs_are_retried_up_to_the_limit(tmp_path):
+    s = spec(tmp_path, "{lr: [0.05]}", extra="max_attempts: 2\n")
+    s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, data_dir: /nonexistent"))
+    db = tmp_path / "f.db"
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1"]) == 1
+    r, = runs_by_hash(db)[0].values()
+    assert r["status"] == "failed" and r["attempts"] == 2
+    assert "/nonexistent" in r["error"]
+
+
+@needs_data
+def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
+    s = spec(tmp_path, "{lr: [0.05], alpha: [0.01]}", epochs=3, subset=512)
+    db = tmp_path / "k" / "sweep.db"
+    driver = subprocess.Popen([sys.executable, "-m", "curvreg", "sweep", str(s), "--db", str(db),
+                               "--threads", "1", "--no-progress"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        def running_with_one_epoch():
+            if not db.exists():
+                return None
+            rows = [r for r in Store(db).runs() if r["status"] == "running" and r["pid"]]
+            if rows and Path(rows[0]["run_dir"], "metrics.jsonl").is_file():
+                return rows[0]
+        row = wait_for(running_with_one_epoch, what="a run with a finished epoch")
+        os.kill(row["pid"], signal.SIGKILL)
+        assert driver.wait(timeout=300) == 0, driver.stdout.read().decode()
+    finally:
+        driver.kill()
+    runs, store = runs_by_hash(db)
+    r = runs[row["hash"]]
+    assert r["status"] == "done" and r["attempts"] == 2
+    # The resumed run equals an uninterrupted one, epoch by epoch.
+    ref_dir = tmp_path / "ref"
+    torch_threads = torch.get_num_threads()
+    try:
+        sweep.execute(r["config"], ref_dir, threads=1)
+    finally:
+        torch.set_num_threads(torch_threads)
+    _, ref = sweep.read_outcome(ref_dir)
+    assert curves(store, row["hash"]) == [{k: v for k, v in m.items() if k not in TIMING} for m in ref]
+
+
+@needs_data
+def test_sigkill_of_the_whole_sweep_loses_nothing(tmp_path):
+    s = spec(tmp_path, "{lr: [0.02, 0.05, 0.1]}", epochs=2, subset=512)
+    db = tmp_path / "w" / "sweep.db"
+    driver = subprocess.Popen([sys.executable, "-m", "curvreg", "sweep", str(s), "--db", str(db),
+                               "--threads", "1", "--no-progress"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        def one_done_one_running():
+            if not db.exists():
+                return None
+            rows = Store(db).runs()
+            done = [r for r in rows if r["status"] == "done"]
+            running = [r for r in rows if r["status"] == "running" and r["pid"]]
+            return (done, running) if done and running else None
+        done, running = wait_for(one_done_one_running, what="one run done and one running")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    child = running[0]["pid"]
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or
+             Path(f"/proc/{child}/stat").read_text().split()[2] == "Z", 30, "the orphaned worker to die")
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1"]) == 0
+    after, _ = runs_by_hash(db)
+    assert all(r["status"] == "done" for r in after.values()) and len(after) == 3
+    for r in done:
+        assert after[r["hash"]]["finished"] == r["finished"] and after[r["hash"]]["attempts"] == 1
+    assert after[running[0]["hash"]]["attempts"] == 2
+
+
+@needs_data
+def test_ray_backend_matches_local(tmp_path):
+    ray = pytest.importorskip("ray")
+    s = spec(tmp_path, "{lr: [0.05], alpha: [0.0, 0.01]}")
+    assert main(["sweep", str(s), "--db", str(tmp_path / "l.db"), "--workers", "2", "--threads", "1"]) == 0
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CURVREG_DATA": DATA}})
+    try:
+        assert main(["sweep", str(s), "--db", str(tmp_path / "r.db"), "--workers", "2",
+                     "--threads", "1", "--backend", "ray"]) == 0
+    finally:
+        ray.shutdown()
+    local, ls = runs_by_hash(tmp_path / "l.db")
+    remote, rs = runs_by_hash(tmp_path / "r.db")
+    assert local.keys() == remote.keys()
+    for h in local:
+        assert remote[h]["status"] == "done"
+        assert curves(rs, h) == curves(ls, h)
+
+
+# ----------------------------------------------------------------------- report
+def fake_store(path):
+    """Runs with known accuracies: two seeds per setting, four columns, one diverged run."""
+    store = Store(path)
+    rows = []
+    acc = {(0.0, 0.0): 0.60, (5e-4, 0.0): 0.65, (0.0, 0.1): 0.63, (5e-4, 0.1): 0.70}
+    for lr in (0.01, 0.1):
+        for (wd, alpha), base in acc.items():
+            for seed in (0, 1):
+                cfg = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": lr,
+                       "weight_decay": wd, "alpha": alpha, "seed": seed, "epochs": 2}
+                bump = 0.02 if lr == 0.1 else 0.0  # lr 0.1 is better on validation
+                summary = {"val_acc": base + bump + 0.01 * seed, "test_acc": base + bump - 0.01 * seed,
+                           "train_acc": 1.0, "fisher_trace": 1.0}
+                rows.append((sweep.config_hash(cfg), cfg, summary))
+    diverged = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": 1.0,
+                "weight_decay": 0.0, "alpha": 0.0, "seed": 0, "epochs": 2}
+    store.add([(h, c, "x") for h, c, _ in rows] + [(sweep.config_hash(diverged), diverged, "x")])
+    for h, c, s in rows:
+        store.claim([h], 1)
+        store.finish(h, "done", s, [{"epoch": e, "val_acc": 0.5, "test_acc": 0.5, "fisher_trace": 2.0 / e}
+                                    for e in (1, 2)])
+    store.claim([sweep.config_hash(diverged)], 1)
+    store.finish(sweep.config_hash(diverged), "diverged", {"status": "diverged", "val_acc": None}, [])
+    store.close()
+
+
+def test_report_selects_by_validation_and_writes_everything(tmp_path, capsys):
+    fake_store(tmp_path / "sweep.db")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    out = tmp_path / "rep"
+    table = (out / "table.md").read_text()
+    # lr 0.1 chosen in every column; test = base + 0.02 - 0.01*seed -> mean base + 0.015, std 0.00707
+    assert "| fc512 / cifar10 (ours) | 61.50 ± 0.71 (n=2) | 66.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | 71.50 ± 0.71 (n=2) |" in table
+    assert "| fc512 / cifar10 (paper) | 64.97 | 70.16 | 69.98 | 71.65 |" in table
+    assert "highest mean final validation accuracy" in table
+    for f in ("index.md", "runs.csv", "fig1_fc512_cifar10.png", "fig2_fc512_cifar10.png",
+              "curves_fc512_cifar10.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 17
+    assert "diverged 1" in (out / "index.md").read_text()
+    grid = report.grid_accuracy(Store(tmp_path / "sweep.db").runs(), "fc512", "cifar10")
+    assert grid[0.0][(1.0, 0.0)] != grid[0.0][(1.0, 0.0)]  # diverged cell is NaN
+    assert main(["report", str(tmp_path / "nothing")]) == 2
