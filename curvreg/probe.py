@@ -70,7 +70,8 @@ def draw(param: Tensor, distribution: str, generator: Optional[torch.Generator])
     """One probe block shaped like ``param`` with E[v v^T] = I (detached)."""
     dev = generator.device if generator is not None else param.device
     if distribution == "rademacher":
-        v = torch.randint(0, 2, param.shape, generator=generator, device=dev).to(param.dtype) * 2 - 1
+        v = torch.randint(0, 2, param.shape, generator=generator, device=dev, dtype=param.dtype)
+        v = v.mul_(2).sub_(1)
     else:
         v = torch.randn(param.shape, generator=generator, device=dev, dtype=param.dtype)
     return v.to(param.device)
