@@ -166,3 +166,50 @@ def test_relu_network_hessian_trace_equals_fisher_trace():
     fbar = curvreg.empirical_fisher_trace(model, ce, [(x, y)])
     assert abs(h - f) < 1e-10 * h
     assert abs(h - fbar) > 1e-3 * h  # the empirical Fisher is a different quantity
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.body(x) * 1.5
+
+
+def _quad_models():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), bn.eval(), nn.GELU(),
+                        nn.Sequential(nn.Conv2d(3, 4, 2), nn.Tanh()), nn.Dropout(0.3).eval(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    frozen = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.SiLU(), nn.Linear(5, 3)).double()
+    frozen[2].weight.requires_grad_(False)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    return {"cnn": (cnn, torch.randn(7, 2, 6, 6, dtype=torch.double)),
+            "frozen": (frozen, torch.randn(7, 4, dtype=torch.double)),
+            "mlp": (mlp, torch.randn(7, 4, dtype=torch.double)),
+            "unsupported": (Unsupported().double(), torch.randn(7, 4, dtype=torch.double))}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "frozen", "mlp", "unsupported"])
+def test_quadratic_form_against_dense(kind):
+    model, x = _quad_models()[kind]
+    y = torch.randint(0, 3, (7,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss(v):
+        chunks = dict(zip(names, (c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params))))
+        return ce(functional_call(model, chunks, (x,)), y).mean()
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    h = hessian(loss)(flat)
+    supported = curvreg.diagnostics.quadratic.layers_if_supported(model) is not None
+    assert supported == (kind != "unsupported")
+    for seed in range(3):
+        v = torch.randn(flat.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.double)
+        got = curvreg.hessian_quadratic_form(model, ce, [(x[:3], y[:3]), (x[3:], y[3:])], v)
+        assert torch.allclose(got, v @ h @ v, rtol=1e-9, atol=1e-12)

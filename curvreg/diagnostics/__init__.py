@@ -2,11 +2,12 @@
 
 Objective: L(theta) = mean of l_i over every example in ``batches`` (accumulated batch by batch).
 """
-from .hessian import hessian_trace, hessian_vector_product, model_mode, top_hessian_eigenvalues
+from .hessian import (hessian_quadratic_form, hessian_trace, hessian_vector_product, model_mode,
+                      top_hessian_eigenvalues)
 from .fisher import empirical_fisher_trace, fisher_trace
 from .spectrum import SpectralDensity, hessian_spectral_density, lanczos
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
-__all__ = ["hessian_vector_product", "hessian_trace", "top_hessian_eigenvalues", "model_mode",
+__all__ = ["hessian_vector_product", "hessian_quadratic_form", "hessian_trace", "top_hessian_eigenvalues", "model_mode",
            "empirical_fisher_trace", "fisher_trace", "TraceEstimate", "hutchinson_trace",
            "hutchpp_trace", "hessian_spectral_density", "SpectralDensity", "lanczos"]

@@ -39,14 +39,19 @@ def probes(dim: int, k: int, distribution: str, generator: Optional[torch.Genera
     return v.to(device)
 
 
-def hutchinson_trace(matvec: Matvec, dim: int, num_probes: int = 100, *,
+def hutchinson_trace(matvec: Optional[Matvec], dim: int, num_probes: int = 100, *,
                      distribution: str = "rademacher", generator: Optional[torch.Generator] = None,
-                     dtype=torch.float64, device="cpu") -> TraceEstimate:
-    """tr(A) ~ mean_k v_k^T A v_k, with standard error std_k / sqrt(K)."""
+                     dtype=torch.float64, device="cpu",
+                     quadratic: Optional[Callable[[Tensor], Tensor]] = None) -> TraceEstimate:
+    """tr(A) ~ mean_k v_k^T A v_k, with standard error std_k / sqrt(K).
+
+    ``quadratic(v) = v^T A v``, when given, is used instead of ``v @ matvec(v)``.
+    """
     if num_probes < 2:
         raise ValueError(f"num_probes must be >= 2 for an error bar, got {num_probes}")
+    form = quadratic or (lambda v: v @ matvec(v))
     vs = probes(dim, num_probes, distribution, generator, dtype, device)
-    samples = torch.stack([v @ matvec(v) for v in vs]).double()
+    samples = torch.stack([torch.as_tensor(form(v)) for v in vs]).double()
     return TraceEstimate(samples.mean().item(), (samples.std() / math.sqrt(num_probes)).item(),
                          num_probes)
 

@@ -70,12 +70,12 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
         dim = sum(p.numel() for p in params)
         bar = _bar(probes, "hessian trace", progress)
 
-        def matvec(v):
+        def quadratic(v):
             bar.update(1)
-            return curvreg.hessian_vector_product(model, ce, batches, v)
+            return curvreg.hessian_quadratic_form(model, ce, batches, v)
 
-        h = curvreg.hutchinson_trace(matvec, dim, probes, generator=gen(1), dtype=params[0].dtype,
-                                     device=params[0].device)
+        h = curvreg.hutchinson_trace(None, dim, probes, generator=gen(1), dtype=params[0].dtype,
+                                     device=params[0].device, quadratic=quadratic)
         bar.close()
         fbar = curvreg.empirical_fisher_trace(model, ce, batches)
         if fisher_labels == "auto":
