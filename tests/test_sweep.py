@@ -247,3 +247,6 @@ def test_report_selects_by_validation_and_writes_everything(tmp_path, capsys):
     grid = report.grid_accuracy(Store(tmp_path / "sweep.db").runs(), "fc512", "cifar10")
     assert grid[0.0][(1.0, 0.0)] != grid[0.0][(1.0, 0.0)]  # diverged cell is NaN
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    # Selecting by seed 1 alone: lr 0.1 still wins (its seed-1 val is higher too); same cells.
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r1"), "--select-seed", "1"]) == 0
+    assert "seed-1 run" in (tmp_path / "r1" / "table.md").read_text()

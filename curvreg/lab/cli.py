@@ -93,6 +93,8 @@ def _sweep_parsers(sub) -> None:
                        description="Write table.md, runs.csv, figures and index.md from a sweep.")
     r.add_argument("src", type=Path, metavar="SWEEP_DB_OR_DIR")
     r.add_argument("--out", type=Path, help="output folder (default: report/ beside the store)")
+    r.add_argument("--select-seed", type=int, help="choose each column's setting by this seed's "
+                                                   "validation accuracy only (default: mean over seeds)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +159,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     from .report import make_report
-    out = make_report(args.src, args.out)
+    out = make_report(args.src, args.out, args.select_seed)
     print(f"report in {out} (open {out / 'index.md'})")
     return 0
 

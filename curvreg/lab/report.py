@@ -4,14 +4,16 @@ Reads only the store (never logs or run directories). Writes into ``--out``:
     table.md            Table 1/2 layout: rows model/dataset, columns no reg | L2 only |
                         curvature only | curvature + L2, with the paper's numbers beside ours
     runs.csv            one line per run: hyperparameters, status, accuracies, Fisher trace
+    selected.json       the configuration chosen for each table cell
     fig1_<m>_<d>.png    test accuracy over lr x weight decay, one panel per alpha (shared scale)
     fig2_<m>_<d>.png    fraction of lr x weight-decay configurations above a test accuracy
                         threshold, against the threshold, one curve per alpha
     curves_<m>_<d>.png  learning curves and empirical Fisher trace of each column's selection
     index.md            links everything
 Selection rule: within a column, configurations that differ only in ``seed`` form one setting;
-the setting with the highest mean final validation accuracy is chosen, and its final test
-accuracy is reported as mean +- sample std over its seeds.
+the setting with the highest mean final validation accuracy (or, with ``--select-seed S``, the
+highest validation accuracy of its seed-S run) is chosen, and its final test accuracy is
+reported as mean +- sample std over its seeds.
 """
 from __future__ import annotations
 
@@ -33,10 +35,13 @@ PAPER = {  # Geng et al., Tables 1 and 2 (test accuracy, %)
     ("allcnn", "cifar10"): (None, 92.83, None, 93.54),
     ("allcnn", "cifar100"): (None, 70.68, None, 73.39),
 }
-CAPTION = ("Test accuracy (%) at the end of training, mean ± std over seeds (n = number of "
-           "seeds). Selection: among the configurations of a column (weight decay = 0 or > 0, "
-           "alpha = 0 or > 0; SGD only), the hyperparameter setting with the highest mean final "
-           "validation accuracy over its seeds. Paper: Geng et al., Tables 1-2.")
+def caption(select_seed: Optional[int]) -> str:
+    rule = ("the highest mean final validation accuracy over its seeds" if select_seed is None
+            else f"the highest final validation accuracy of its seed-{select_seed} run")
+    return ("Test accuracy (%) at the end of training, mean ± std over seeds (n = number of "
+            "seeds). Selection: among the configurations of a column (weight decay = 0 or > 0, "
+            "alpha = 0 or > 0; SGD only), the hyperparameter setting (all fields but the seed) "
+            f"with {rule}. Paper: Geng et al., Tables 1-2.")
 
 
 def column(cfg: dict) -> Optional[str]:
@@ -64,8 +69,13 @@ def load(path) -> tuple:
     return db, runs, curves
 
 
-def select(runs: List[dict]) -> Dict[tuple, Dict[str, dict]]:
-    """{(model, dataset): {column: {"key", "val", "test": [..], "hashes": [..]}}}."""
+def select(runs: List[dict], select_seed: Optional[int] = None) -> Dict[tuple, Dict[str, dict]]:
+    """{(model, dataset): {column: {"key", "val", "test": [..], "hashes": [..]}}}.
+
+    With ``select_seed`` the choice uses only that seed's validation accuracy (so settings
+    re-run with extra seeds afterwards are not favoured); the reported test accuracies are
+    still those of every seed of the chosen setting.
+    """
     groups = defaultdict(lambda: defaultdict(list))
     for r in runs:
         col = column(r["config"])
@@ -75,7 +85,9 @@ def select(runs: List[dict]) -> Dict[tuple, Dict[str, dict]]:
     out: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for (model, data, col), settings in groups.items():
         def score(item):
-            return statistics.mean(x["summary"]["val_acc"] for x in item[1])
+            vals = [x["summary"]["val_acc"] for x in item[1]
+                    if select_seed is None or x["config"]["seed"] == select_seed]
+            return statistics.mean(vals) if vals else float("-inf")
         key, members = max(settings.items(), key=score)
         out[(model, data)][col] = {
             "key": key, "val": score((key, members)), "settings": len(settings),
@@ -93,7 +105,7 @@ def _cell(sel: Optional[dict]) -> str:
     return f"{statistics.mean(t):.2f}{sd_text} (n={len(t)})"
 
 
-def table(selected) -> str:
+def table(selected, select_seed: Optional[int] = None) -> str:
     head = "| model / dataset | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     rows = []
     for (model, data), cols in sorted(selected.items()):
@@ -102,7 +114,7 @@ def table(selected) -> str:
         if paper:
             rows.append(f"| {model} / {data} (paper) | "
                         + " | ".join(f"{p:.2f}" if p is not None else "–" for p in paper) + " |")
-    return head + "\n".join(rows) + "\n\n" + CAPTION + "\n"
+    return head + "\n".join(rows) + "\n\n" + caption(select_seed) + "\n"
 
 
 def chosen_hyperparameters(selected) -> str:
@@ -225,16 +237,19 @@ def curves_figure(cols: Dict[str, dict], curves, title: str, path: Path) -> None
 
 
 # ------------------------------------------------------------------------ entry
-def make_report(src, out: Optional[Path] = None) -> Path:
+def make_report(src, out: Optional[Path] = None, select_seed: Optional[int] = None) -> Path:
     db, runs, curves = load(src)
     out = Path(out) if out else db.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
-    selected = select(runs)
+    selected = select(runs, select_seed)
     status = defaultdict(int)
     for r in runs:
         status[r["status"]] += 1
-    (out / "table.md").write_text(table(selected))
+    (out / "table.md").write_text(table(selected, select_seed))
     write_csv(runs, out / "runs.csv")
+    (out / "selected.json").write_text(json.dumps(
+        [dict(sel["config"], column=col) for cols in selected.values() for col, sel in cols.items()],
+        indent=1, sort_keys=True))
     figs = []
     for model, data in sorted({(r["config"]["model"], r["config"]["dataset"]) for r in runs}):
         grid = grid_accuracy(runs, model, data)
@@ -247,7 +262,7 @@ def make_report(src, out: Optional[Path] = None) -> Path:
                  if (out / p).is_file()]
     lines = [f"# Sweep report: `{db}`", "",
              "Runs by status: " + ", ".join(f"{k} {v}" for k, v in sorted(status.items())), "",
-             "## Table", "", table(selected), "## Selected hyperparameters", "",
+             "## Table", "", table(selected, select_seed), "## Selected hyperparameters", "",
              chosen_hyperparameters(selected), "## Figures", ""]
     lines += [f"![{p}]({p})" for p in figs]
     lines += ["", "All runs: [runs.csv](runs.csv). Generated by `curvreg report` from the store only."]
