@@ -61,6 +61,12 @@ def test_spec_errors_name_the_key(tmp_path):
     bad.write_text("grid: {lr: 0.1}\n")
     with pytest.raises(ConfigError, match="grid field 'lr' must be a non-empty list"):
         sweep.load_spec(bad)
+    bad.write_text("base: {preset: fc512-cifar10}\ngrid: {}\n")
+    with pytest.raises(ConfigError, match="no points: 'grid' is empty"):
+        sweep.load_spec(bad)
+    bad.write_text("grid: {lrr: [0.1]}\n")
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['lrr'\]"):
+        sweep.expand(sweep.load_spec(bad))
     bad.write_text("grid: {lr: [0.1, fast]}\n")
     with pytest.raises(ConfigError, match=r"grid point \{'lr': 'fast'\}: field 'lr' must be float"):
         sweep.expand(sweep.load_spec(bad))
@@ -70,6 +76,7 @@ def test_spec_errors_name_the_key(tmp_path):
 def test_expand_product_extras_and_hash():
     s = {"base": {"preset": "fc512-cifar10", "epochs": 1}, "grid": {"lr": [0.1, 0.2], "alpha": [0.0, 1.0]},
          "extra": [{"lr": 0.1, "alpha": 0.0}, {"lr": 0.5}], "max_attempts": 3}
+    assert len(sweep.expand({**s, "grid": {}})) == 2  # extras only, not the bare base
     points = sweep.expand(s)
     assert len(points) == 5  # 4 grid points + 1 new extra (the other duplicates a grid point)
     assert {(p["lr"], p["alpha"]) for p in points} == {(0.1, 0.0), (0.1, 1.0), (0.2, 0.0), (0.2, 1.0), (0.5, 5e-4)}
@@ -181,12 +188,15 @@ def test_sigkill_of_the_whole_sweep_loses_nothing(tmp_path):
     for r in done:
         assert after[r["hash"]]["finished"] == r["finished"] and after[r["hash"]]["attempts"] == 1
     assert after[running[0]["hash"]]["attempts"] == 2
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT hash || '/' || epoch) FROM metrics").fetchone() == (6, 6)
+    con.close()
 
 
 @needs_data
-def test_ray_backend_matches_local(tmp_path):
+def test_ray_backend_matches_local(tmp_path, capsys):
     ray = pytest.importorskip("ray")
-    s = spec(tmp_path, "{lr: [0.05], alpha: [0.0, 0.01]}")
+    s = spec(tmp_path, "{lr: [0.02, 0.05], weight_decay: [0.0, 0.0005], alpha: [0.0, 0.01]}", subset=128)
     assert main(["sweep", str(s), "--db", str(tmp_path / "l.db"), "--workers", "2", "--threads", "1"]) == 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"CURVREG_DATA": DATA}})
@@ -197,7 +207,8 @@ def test_ray_backend_matches_local(tmp_path):
         ray.shutdown()
     local, ls = runs_by_hash(tmp_path / "l.db")
     remote, rs = runs_by_hash(tmp_path / "r.db")
-    assert local.keys() == remote.keys()
+    assert local.keys() == remote.keys() and len(local) == 8
+    assert capsys.readouterr().out.count("runner overhead:") == 2
     for h in local:
         assert remote[h]["status"] == "done"
         assert curves(rs, h) == curves(ls, h)
@@ -220,7 +231,9 @@ def fake_store(path):
                 rows.append((sweep.config_hash(cfg), cfg, summary))
     diverged = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": 1.0,
                 "weight_decay": 0.0, "alpha": 0.0, "seed": 0, "epochs": 2}
-    store.add([(h, c, "x") for h, c, _ in rows] + [(sweep.config_hash(diverged), diverged, "x")])
+    missing = dict(diverged, lr=2.0)
+    store.add([(h, c, "x") for h, c, _ in rows] + [(sweep.config_hash(diverged), diverged, "x"),
+                                                   (sweep.config_hash(missing), missing, "x")])
     for h, c, s in rows:
         store.claim([h], 1)
         store.finish(h, "done", s, [{"epoch": e, "val_acc": 0.5, "test_acc": 0.5, "fisher_trace": 2.0 / e}
@@ -242,8 +255,10 @@ def test_report_selects_by_validation_and_writes_everything(tmp_path, capsys):
     for f in ("index.md", "runs.csv", "fig1_fc512_cifar10.png", "fig2_fc512_cifar10.png",
               "curves_fc512_cifar10.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
-    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 17
-    assert "diverged 1" in (out / "index.md").read_text()
+    assert len((out / "runs.csv").read_text().splitlines()) == 1 + 18
+    index = (out / "index.md").read_text()
+    assert "diverged 1" in index and "pending 1" in index
+    assert json.loads((out / "selected.json").read_text())[0]["lr"] == 0.1
     grid = report.grid_accuracy(Store(tmp_path / "sweep.db").runs(), "fc512", "cifar10")
     assert grid[0.0][(1.0, 0.0)] != grid[0.0][(1.0, 0.0)]  # diverged cell is NaN
     assert main(["report", str(tmp_path / "nothing")]) == 2

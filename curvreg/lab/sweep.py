@@ -62,6 +62,8 @@ def load_spec(path) -> dict:
             raise ConfigError(f"{path}: grid field '{k}' must be a non-empty list, got {v!r}")
     if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
         raise ConfigError(f"{path}: 'extra' must be a list of mappings of config fields")
+    if not grid and not extra:
+        raise ConfigError(f"{path}: the spec has no points: 'grid' is empty and there is no 'extra'")
     attempts = spec.get("max_attempts", 3)
     if not isinstance(attempts, int) or attempts < 1:
         raise ConfigError(f"{path}: 'max_attempts' must be an int >= 1, got {attempts!r}")
@@ -71,7 +73,8 @@ def load_spec(path) -> dict:
 def expand(spec: dict) -> List[dict]:
     """The full config dicts of every point: base x grid product, then extras (deduplicated)."""
     keys = list(spec["grid"])
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(spec["grid"][k] for k in keys))]
+    combos = ([dict(zip(keys, vals)) for vals in itertools.product(*(spec["grid"][k] for k in keys))]
+              if keys else [])  # no grid: only the extra points (not the bare base)
     points, seen = [], set()
     for i, over in enumerate(combos + spec["extra"]):
         try:
@@ -128,7 +131,9 @@ def worker_main(argv: List[str]) -> int:
             print(f"{run_dir} is locked by another live worker", file=sys.stderr)
             return 4
         config = json.loads((run_dir / "request.json").read_text())
+        start = time.perf_counter()
         out = execute(config, run_dir, threads)
+        (run_dir / "timing.json").write_text(json.dumps({"execute_seconds": time.perf_counter() - start}))
     return {"done": 0, "diverged": 3}.get(out["status"], 1)
 
 
@@ -165,8 +170,9 @@ class LocalBackend:
             del self.procs[h]
             summary, metrics = read_outcome(run_dir)
             if rc in (0, 3) and summary is not None:
+                timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else {}
                 finished.append((h, {"status": summary["status"], "summary": summary,
-                                     "metrics": metrics}))
+                                     "metrics": metrics, **timing}))
             else:
                 why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
                 finished.append((h, {"status": "failed", "summary": None, "metrics": metrics,
@@ -227,7 +233,9 @@ class RayBackend:
 def _ray_task(config: dict, run_dir: str, threads: int) -> dict:
     import traceback
     try:
-        return execute(config, Path(run_dir), threads)
+        start = time.perf_counter()
+        out = execute(config, Path(run_dir), threads)
+        return {**out, "execute_seconds": time.perf_counter() - start}
     except Exception:  # noqa: BLE001 - reported to the driver as a failed attempt
         summary, metrics = read_outcome(Path(run_dir))
         return {"status": "failed", "summary": None, "metrics": metrics,
@@ -303,7 +311,10 @@ def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -
     bar.update(settled(counts))
     best = _best(store)
     running = 0
+    stats = {"run_seconds": 0.0, "execute_seconds": 0.0, "driver_busy": 0.0}
+    wall = time.perf_counter()
     while True:
+        busy = time.perf_counter()
         while runner.free() > 0:
             row = store.claim(hashes, max_attempts)
             if row is None:
@@ -317,6 +328,10 @@ def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -
             running -= 1
             store.finish(h, out["status"], out.get("summary"), out.get("metrics", []),
                          out.get("error"), out.get("host"))
+            if "execute_seconds" in out:
+                row = store.db.execute("SELECT seconds FROM runs WHERE hash=?", (h,)).fetchone()
+                stats["run_seconds"] += row[0] or 0.0
+                stats["execute_seconds"] += out["execute_seconds"]
             acc = (out.get("summary") or {}).get("val_acc")
             if acc is not None and (best is None or acc > best):
                 best = acc
@@ -329,8 +344,20 @@ def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -
                 print(f"[{settled(c)}/{len(hashes)}] {h} {out['status']}"
                       + (f" val_acc {acc:.4f}" if acc is not None else "")
                       + (f" (best {best:.4f})" if best is not None else ""), flush=True)
+        stats["driver_busy"] += time.perf_counter() - busy
         time.sleep(poll_seconds)
     bar.close()
+    _print_overhead(stats, time.perf_counter() - wall)
+
+
+def _print_overhead(stats: dict, wall: float) -> None:
+    """Runner overhead: per-run time outside the training function (process start, polling
+    latency, store writes) as a share of all run time, and the driver's busy share of the wall."""
+    if stats["run_seconds"] > 0:
+        per_run = 1 - stats["execute_seconds"] / stats["run_seconds"]
+        print(f"runner overhead: {100 * per_run:.1f}% of run time outside training (process start, "
+              f"polling, store); driver busy {100 * stats['driver_busy'] / max(wall, 1e-9):.2f}% "
+              "of the wall clock", flush=True)
 
 
 def _best(store: Store) -> Optional[float]:
