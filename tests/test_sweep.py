@@ -265,3 +265,21 @@ def test_report_selects_by_validation_and_writes_everything(tmp_path, capsys):
     # Selecting by seed 1 alone: lr 0.1 still wins (its seed-1 val is higher too); same cells.
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r1"), "--select-seed", "1"]) == 0
     assert "seed-1 run" in (tmp_path / "r1" / "table.md").read_text()
+
+
+def test_select_seed_changes_the_choice(tmp_path):
+    """Setting A wins on the mean over seeds, B on seed 0 alone."""
+    store = Store(tmp_path / "sweep.db")
+    vals = {0.01: {0: 0.60, 1: 0.70}, 0.02: {0: 0.65, 1: 0.60}}
+    for lr, by_seed in vals.items():
+        for seed, val in by_seed.items():
+            cfg = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": lr,
+                   "weight_decay": 0.0, "alpha": 0.0, "seed": seed, "epochs": 1}
+            h = sweep.config_hash(cfg)
+            store.add([(h, cfg, "x")])
+            store.claim([h], 1)
+            store.finish(h, "done", {"val_acc": val, "test_acc": val - 0.1}, [])
+    runs = store.runs()
+    store.close()
+    assert report.select(runs)[("fc512", "cifar10")]["no reg"]["config"]["lr"] == 0.01
+    assert report.select(runs, select_seed=0)[("fc512", "cifar10")]["no reg"]["config"]["lr"] == 0.02
