@@ -186,11 +186,11 @@ def figure1(grid, title: str, path: Path) -> None:
                         ("" if math.isnan(v) else f"{100 * v:.1f}"), ha="center", va="center",
                         fontsize=7, color="w")
         ax.set_xticks(range(len(lrs)), [f"{x:g}" for x in lrs], rotation=45)
-        ax.set_yticks(range(len(wds)), [f"{x:g}" for x in wds])
+        ax.set_yticks(range(len(wds)), [f"{x:g}" for x in wds] if ax is axes[0][0] else [])
         ax.set(title=f"alpha = {a:g}", xlabel="learning rate")
     axes[0][0].set_ylabel("weight decay")
     fig.colorbar(im, ax=list(axes[0]), label="test accuracy")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.02)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
