@@ -13,8 +13,8 @@ names the run. Results go to a SQLite store (``curvreg.lab.store``) and run dire
 runs left ``running`` by a kill resume from their checkpoint, failed runs are retried up to
 ``max_attempts`` attempts, and points added to the grid are appended.
 
-Local backend: one child process per run, at most ``--workers`` at a time, each with
-cores // workers threads. A child dies with the driver (Linux PR_SET_PDEATHSIG) and holds an
+Local backend: one child process per run (a fork of the driver), at most ``--workers`` at a
+time, each with cores // workers threads. A child dies with the driver (Linux PR_SET_PDEATHSIG) and holds an
 exclusive lock on its run directory, so a restarted sweep never runs one directory twice.
 Ray backend: each run is a Ray task (``num_cpus`` = threads) on an existing cluster
 (``--address``, or a local one); results come back to the driver, which alone writes the store.
@@ -139,7 +139,11 @@ def worker_main(argv: List[str]) -> int:
 
 # ------------------------------------------------------------------------ backends
 class LocalBackend:
-    """Child processes on this machine, ``workers`` at a time."""
+    """Child processes on this machine, ``workers`` at a time.
+
+    A child is a fork of the driver (torch is already imported, so a run starts in
+    milliseconds), or a fresh interpreter where fork is unavailable.
+    """
 
     def __init__(self, workers: int, threads: int):
         self.workers, self.threads = workers, threads
@@ -152,25 +156,35 @@ class LocalBackend:
         from .data import _atomic_write
         run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(run_dir / "request.json", lambda f: f.write(json.dumps(config).encode()))
+        if hasattr(os, "fork"):
+            pid = _fork_worker(run_dir, self.threads)
+            self.procs[h] = (pid, None, run_dir)
+            return pid
         log = open(run_dir / "worker.log", "ab")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         proc = subprocess.Popen([sys.executable, "-m", "curvreg.lab.sweep", str(run_dir),
-                                 str(self.threads)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=_die_with_parent, start_new_session=False)
-        self.procs[h] = (proc, run_dir, log)
+                                 str(self.threads)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        self.procs[h] = (proc.pid, proc, run_dir)
         return proc.pid
+
+    def _exit_code(self, pid: int, proc) -> Optional[int]:
+        if proc is not None:
+            return proc.poll()
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return None if done == 0 else os.waitstatus_to_exitcode(status)
 
     def poll(self) -> List[tuple]:
         finished = []
-        for h, (proc, run_dir, log) in list(self.procs.items()):
-            rc = proc.poll()
+        for h, (pid, proc, run_dir) in list(self.procs.items()):
+            rc = self._exit_code(pid, proc)
             if rc is None:
                 continue
-            log.close()
             del self.procs[h]
             summary, metrics = read_outcome(run_dir)
             if rc in (0, 3) and summary is not None:
-                timing = json.loads((run_dir / "timing.json").read_text()) if (run_dir / "timing.json").is_file() else {}
+                timing = (json.loads((run_dir / "timing.json").read_text())
+                          if (run_dir / "timing.json").is_file() else {})
                 finished.append((h, {"status": summary["status"], "summary": summary,
                                      "metrics": metrics, **timing}))
             else:
@@ -180,11 +194,42 @@ class LocalBackend:
         return finished
 
     def shutdown(self) -> None:
-        for proc, _, log in self.procs.values():
-            proc.kill()
-            proc.wait()
-            log.close()
+        for pid, proc, _ in self.procs.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
         self.procs.clear()
+
+
+def _fork_worker(run_dir: Path, threads: int) -> int:
+    """Fork a child that runs ``worker_main`` with its output in ``worker.log``."""
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(run_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # also if sys.std* were replaced
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        _die_with_parent()
+        if os.getppid() != parent:  # the driver died before the death signal was armed
+            os._exit(1)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        code = worker_main([str(run_dir), str(threads)])
+    except BaseException:  # noqa: BLE001 - the traceback goes to worker.log; exit code says failed
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class RayBackend:
