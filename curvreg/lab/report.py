@@ -118,7 +118,7 @@ def table(selected, select_seed: Optional[int] = None) -> str:
 
 
 def chosen_hyperparameters(selected) -> str:
-    lines = ["| model / dataset | column | lr | weight decay | alpha | settings tried | mean val acc |",
+    lines = ["| model / dataset | column | lr | weight decay | alpha | settings tried | selection val acc |",
              "|---|---|---|---|---|---|---|"]
     for (model, data), cols in sorted(selected.items()):
         for c in COLUMNS:
