@@ -42,6 +42,20 @@ def curves(store, h):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in store.metrics(h)]
 
 
+def start_driver(spec_path, db):
+    """The sweep CLI in its own process (so that the test can SIGKILL it or its workers)."""
+    return subprocess.Popen([sys.executable, "-m", "curvreg", "sweep", str(spec_path), "--db", str(db),
+                             "--threads", "1", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def rows_where(db, status):
+    """Rows of ``status`` with a worker pid, or [] before the store exists."""
+    if not db.exists():
+        return []
+    return [r for r in Store(db).runs() if r["status"] == status and (status != "running" or r["pid"])]
+
+
 def wait_for(cond, timeout=120, what="condition"):
     end = time.time() + timeout
     while time.time() < end:
@@ -128,14 +142,10 @@ def test_failed_runs_are_retried_up_to_the_limit(tmp_path):
 def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
     s = spec(tmp_path, "{lr: [0.05], alpha: [0.01]}", epochs=3, subset=512)
     db = tmp_path / "k" / "sweep.db"
-    driver = subprocess.Popen([sys.executable, "-m", "curvreg", "sweep", str(s), "--db", str(db),
-                               "--threads", "1", "--no-progress"], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    driver = start_driver(s, db)
     try:
         def running_with_one_epoch():
-            if not db.exists():
-                return None
-            rows = [r for r in Store(db).runs() if r["status"] == "running" and r["pid"]]
+            rows = rows_where(db, "running")
             if rows and Path(rows[0]["run_dir"], "metrics.jsonl").is_file():
                 return rows[0]
         row = wait_for(running_with_one_epoch, what="a run with a finished epoch")
@@ -161,16 +171,10 @@ def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
 def test_sigkill_of_the_whole_sweep_loses_nothing(tmp_path):
     s = spec(tmp_path, "{lr: [0.02, 0.05, 0.1]}", epochs=2, subset=512)
     db = tmp_path / "w" / "sweep.db"
-    driver = subprocess.Popen([sys.executable, "-m", "curvreg", "sweep", str(s), "--db", str(db),
-                               "--threads", "1", "--no-progress"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    driver = start_driver(s, db)
     try:
         def one_done_one_running():
-            if not db.exists():
-                return None
-            rows = Store(db).runs()
-            done = [r for r in rows if r["status"] == "done"]
-            running = [r for r in rows if r["status"] == "running" and r["pid"]]
+            done, running = rows_where(db, "done"), rows_where(db, "running")
             return (done, running) if done and running else None
         done, running = wait_for(one_done_one_running, what="one run done and one running")
     finally:
