@@ -32,10 +32,7 @@ def spec(tmp_path, grid, epochs=1, subset=256, extra="", name="s.yaml"):
 
 def runs_by_hash(db):
     store = Store(db)
-    try:
-        return {r["hash"]: r for r in store.runs()}, store
-    finally:
-        pass
+    return {r["hash"]: r for r in store.runs()}, store
 
 
 def curves(store, h):

@@ -100,8 +100,7 @@ def _cell(sel: Optional[dict]) -> str:
     if not sel:
         return "–"
     t = [100 * x for x in sel["test"]]
-    sd = statistics.stdev(t) if len(t) > 1 else float("nan")
-    sd_text = f" ± {sd:.2f}" if len(t) > 1 else ""
+    sd_text = f" ± {statistics.stdev(t):.2f}" if len(t) > 1 else ""
     return f"{statistics.mean(t):.2f}{sd_text} (n={len(t)})"
 
 

@@ -120,7 +120,8 @@ class Store:
             self.db.execute("UPDATE runs SET pid=?, host=COALESCE(?, host) WHERE hash=?", (pid, host, h))
 
     def finish(self, h: str, status: str, summary: Optional[dict], metrics: List[dict],
-               error: Optional[str] = None, host: Optional[str] = None) -> None:
+               error: Optional[str] = None, host: Optional[str] = None) -> float:
+        """Record the outcome; returns the run's seconds from claim to now."""
         if status not in ("done", "failed", "diverged"):
             raise ValueError(f"bad final status {status!r}")
         now = time.time()
@@ -132,6 +133,8 @@ class Store:
                             "error=?, pid=NULL, host=COALESCE(?, host) WHERE hash=?",
                             (status, now, now, json.dumps(summary) if summary else None, error,
                              host, h))
+            row = self.db.execute("SELECT seconds FROM runs WHERE hash=?", (h,)).fetchone()
+        return (row[0] if row else None) or 0.0
 
     # ---------------------------------------------------------------- reading
     def counts(self, hashes: Optional[Sequence[str]] = None) -> Dict[str, int]:

@@ -371,11 +371,10 @@ def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -
             break
         for h, out in runner.poll():
             running -= 1
-            store.finish(h, out["status"], out.get("summary"), out.get("metrics", []),
-                         out.get("error"), out.get("host"))
+            seconds = store.finish(h, out["status"], out.get("summary"), out.get("metrics", []),
+                                   out.get("error"), out.get("host"))
             if "execute_seconds" in out:
-                row = store.db.execute("SELECT seconds FROM runs WHERE hash=?", (h,)).fetchone()
-                stats["run_seconds"] += row[0] or 0.0
+                stats["run_seconds"] += seconds
                 stats["execute_seconds"] += out["execute_seconds"]
             acc = (out.get("summary") or {}).get("val_acc")
             if acc is not None and (best is None or acc > best):
