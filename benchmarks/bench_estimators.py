@@ -23,12 +23,13 @@ ALPHA = 0.1
 BATCH = {"fc512": 256, "fc4096": 256, "allcnn": 32}
 
 
-def step(model, opt, x, y, estimator=None, k=1, gen=None):
+def step(model, opt, x, y, estimator=None, k=1, gen=None, distribution="rademacher"):
     opt.zero_grad(set_to_none=True)
     if estimator is None:
         F.cross_entropy(model(x), y).backward()
     else:
-        with curvreg.GradNormTape(model, estimator=estimator, num_probes=k, generator=gen) as tape:
+        with curvreg.GradNormTape(model, estimator=estimator, num_probes=k, generator=gen,
+                                  distribution=distribution) as tape:
             out = model(x)
         losses = F.cross_entropy(out, y, reduction="none")
         (losses.mean() + ALPHA * tape.per_example_sq_grad_norms(losses).mean()).backward()
@@ -42,14 +43,16 @@ def speed(name, rounds, k):
     n = BATCH[name]
     x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
     gen = torch.Generator().manual_seed(0)
-    variants = {"plain": None, "exact": "exact", "probe": "probe", "hybrid": "hybrid"}
+    variants = {"plain": (None, "rademacher"), "exact": ("exact", "rademacher"),
+                "probe": ("probe", "rademacher"), "hybrid": ("hybrid", "rademacher"),
+                "hybrid-kron": ("hybrid", "kronecker")}
     times = {v: [] for v in variants}
-    for est in variants.values():
-        step(model, opt, x, y, est, k, gen)
+    for est, dist in variants.values():
+        step(model, opt, x, y, est, k, gen, dist)
     for _ in range(rounds):
-        for v, est in variants.items():
+        for v, (est, dist) in variants.items():
             t = time.perf_counter()
-            step(model, opt, x, y, est, k, gen)
+            step(model, opt, x, y, est, k, gen, dist)
             times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(t) for v, t in times.items()}
     return {v: med[v] / med["plain"] for v in med}, med["plain"]
@@ -66,14 +69,15 @@ def real_batch(n):
         return None
 
 
-def noise(name, n, estimator, draws, k=1):
+def noise(name, n, estimator, draws, k=1, distribution="rademacher"):
     """Relative std of R_hat across probe draws on one batch (model at initialization)."""
     torch.manual_seed(0)
     model = build_model(name)
     batch = real_batch(n)
     x, y = batch if batch is not None else (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
     gen = torch.Generator().manual_seed(1)
-    with curvreg.GradNormTape(model, estimator=estimator, num_probes=k, generator=gen) as tape:
+    with curvreg.GradNormTape(model, estimator=estimator, num_probes=k, generator=gen,
+                              distribution=distribution) as tape:
         out = model(x)
     losses = F.cross_entropy(out, y, reduction="none")
     vals = torch.stack([tape.per_example_sq_grad_norms(losses, create_graph=False).mean()
@@ -90,23 +94,24 @@ def main():
     ap.add_argument("--noise-batches", type=int, nargs="+", default=[32, 256])
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, K={args.probes}")
-    print("| model | batch | plain step (ms) | exact | probe | hybrid |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | plain step (ms) | exact | probe | hybrid | hybrid, Kronecker probes |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         r, plain = speed(name, args.rounds, args.probes)
         print(f"| {name} | {BATCH[name]} | {plain * 1e3:.0f} | {r['exact']:.2f}x | {r['probe']:.2f}x "
-              f"| {r['hybrid']:.2f}x |", flush=True)
+              f"| {r['hybrid']:.2f}x | {r['hybrid-kron']:.2f}x |", flush=True)
     src = "CIFAR-10 images" if real_batch(2) is not None else "random inputs (no CURVREG_DATA)"
     print(f"\nrelative std of the batch penalty estimate at initialization on {src}, "
           f"{args.draws} draws, K={args.probes}")
     print("| model | estimator | " + " | ".join(f"batch {b}" for b in args.noise_batches) + " |")
     print("|---|---|" + "---|" * len(args.noise_batches))
     for name in args.models:
-        for est in ("probe", "hybrid"):
+        for est, dist in (("probe", "rademacher"), ("hybrid", "rademacher"), ("probe", "kronecker")):
             if name != "allcnn" and est == "hybrid":
                 continue  # every MLP layer is exact under hybrid: no noise
-            cells = [f"{noise(name, b, est, args.draws, args.probes):.3f}" for b in args.noise_batches]
-            print(f"| {name} | {est} | " + " | ".join(cells) + " |", flush=True)
+            cells = [f"{noise(name, b, est, args.draws, args.probes, dist):.3f}"
+                     for b in args.noise_batches]
+            print(f"| {name} | {est} ({dist}) | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,17 @@
 
 Each (model, variant) runs in a fresh child process. The child builds the model, optimizer and
 batch, records its peak RSS, runs two steps and records the peak again; the difference is the
-step's extra peak memory (activations, graph, temporaries). Printed as MB and as a ratio to the
-plain step's. Usage:
-    python benchmarks/bench_memory.py [--models fc512 fc4096 allcnn]
+step's extra peak memory (activations, graph, temporaries). Peak RSS moves by a few MB from run
+to run, so each variant runs ``--repeats`` times and the median is printed, as MB and as a ratio
+to the plain step's. Usage:
+    python benchmarks/bench_memory.py [--models fc512 fc4096 allcnn] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,7 @@ def child(name: str, variant: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(BATCH), choices=list(BATCH))
+    ap.add_argument("--repeats", type=int, default=5, help="fresh processes per variant")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -50,9 +53,12 @@ def main():
     for name in args.models:
         mb = {}
         for v in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", name, v], check=True,
-                                 capture_output=True, text=True).stdout
-            mb[v] = json.loads(out.splitlines()[-1])["extra_mb"]
+            runs = []
+            for _ in range(args.repeats):
+                out = subprocess.run([sys.executable, __file__, "--child", name, v], check=True,
+                                     capture_output=True, text=True).stdout
+                runs.append(json.loads(out.splitlines()[-1])["extra_mb"])
+            mb[v] = statistics.median(runs)
         print(f"| {name} | {BATCH[name]} | {mb['plain']:.0f} | {mb['exact'] / mb['plain']:.2f}x "
               f"({mb['exact']:.0f} MB) | {mb['hybrid'] / mb['plain']:.2f}x ({mb['hybrid']:.0f} MB) |",
               flush=True)

@@ -23,6 +23,19 @@ of the batch, so the batch mean R_hat = mean_i s_i has variance 2 ||F_B||_F^2 / 
 probes, with F_B = mean_i g_i g_i^T: relative std sqrt(2 / (K r_eff)), where
 r_eff = tr(F_B)^2 / ||F_B||_F^2 <= batch size. It therefore shrinks with batch size as long as
 the per-example gradients are not aligned.
+
+Kronecker probes (``distribution="kronecker"``): for a weight of shape [O, *rest] (rest = the
+input channels and the kernel for a convolution) the probe is v = a (x) B, with a Rademacher
+vector a in {+-1}^O and an independent dense Rademacher block B over rest (1-D parameters get a
+plain Rademacher vector). Then E[v v^T] = E[a a^T] (x) E[B B^T] = I, so the estimate stays
+unbiased. The point is cost: a layer evaluated at v collapses to one output channel,
+    conv(x, a (x) B)[o] = a_o * conv(x, B),        x (a (x) b)^T = (x . b) a,
+a convolution with a single output channel (per group) instead of O of them. That removes the
+probed layers' full-size tangent convolutions and their backward from the step. The price is
+variance: the entries of v are no longer independent. For a per-example gradient G = [O, rest]
+of one layer, Gaussian factors give Var[(a^T G B)^2] = 2 ||G||_F^4 + 6 ||G G^T||_F^2, between 1
+and 4 times the dense Gaussian probe's 2 ||G||_F^4 (4 when G has rank one). The benchmark script
+prints the measured noise beside the dense probes'.
 """
 from __future__ import annotations
 
@@ -38,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from .rules.fallback import _children_see_constants
 
 ESTIMATORS = ("exact", "probe", "hybrid")
-DISTRIBUTIONS = ("rademacher", "gaussian")
+DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
 
 # Layer types whose output is linear in (all of) their parameters, given the inputs.
 LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm,
@@ -66,20 +79,47 @@ def hybrid_exact(module: nn.Module, inputs) -> bool:
     return type(module) in HYBRID_EXACT
 
 
-def draw(param: Tensor, distribution: str, generator: Optional[torch.Generator]) -> Tensor:
-    """One probe block shaped like ``param`` with E[v v^T] = I (detached)."""
+class KronProbe:
+    """A probe v = a (x) B for a parameter of shape [O, *rest], kept as its two factors."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Tensor, b: Tensor):
+        self.a, self.b = a, b
+
+    def dense(self) -> Tensor:
+        return self.a.view(-1, *[1] * self.b.dim()) * self.b
+
+
+def _rademacher(shape, like: Tensor, generator, dev) -> Tensor:
+    v = torch.randint(0, 2, tuple(shape), generator=generator, device=dev, dtype=like.dtype)
+    return v.mul_(2).sub_(1).to(like.device)
+
+
+def draw(param: Tensor, distribution: str, generator: Optional[torch.Generator]):
+    """One probe block shaped like ``param`` with E[v v^T] = I (detached).
+
+    A ``KronProbe`` (its factors) for ``"kronecker"`` and a parameter of 2 or more dims, else a
+    tensor."""
     dev = generator.device if generator is not None else param.device
-    if distribution == "rademacher":
-        v = torch.randint(0, 2, param.shape, generator=generator, device=dev, dtype=param.dtype)
-        v = v.mul_(2).sub_(1)
-    else:
-        v = torch.randn(param.shape, generator=generator, device=dev, dtype=param.dtype)
+    if distribution == "kronecker" and param.dim() >= 2:
+        a = _rademacher(param.shape[:1], param, generator, dev)
+        return KronProbe(a, _rademacher(param.shape[1:], param, generator, dev))
+    if distribution in ("rademacher", "kronecker"):
+        return _rademacher(param.shape, param, generator, dev)
+    v = torch.randn(param.shape, generator=generator, device=dev, dtype=param.dtype)
     return v.to(param.device)
 
 
 def local_tangents(call, names: Sequence[str], vs: Dict[str, Tensor]) -> Sequence[Tensor]:
     """(d y / d theta_names) v for each recorded output y of one call, inputs held fixed."""
     module, args, kwargs = call.module, call.args, call.kwargs or {}
+    if isinstance(vs.get("weight"), KronProbe) and all(k in module._parameters for k in names):
+        if type(module) is nn.Linear:
+            return [_kron_linear_tangent(module, args[0], vs)]
+        if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return [_kron_conv_tangent(module, args[0], vs)]
+    vs = {k: v.dense() if isinstance(v, KronProbe) else v for k, v in vs.items()}
     if type(module) in LINEAR_IN_PARAMS and all(k in module._parameters for k in names):
         return [_linear_tangent(module, args, kwargs, vs)]
     primals = {k: p for k, p in module.named_parameters() if k in vs}
@@ -110,3 +150,27 @@ def _linear_tangent(module: nn.Module, args: tuple, kwargs: dict, vs: Dict[str, 
     params = {k: (vs[k] if k in vs else torch.zeros_like(p))
               for k, p in module._parameters.items() if p is not None}
     return functional_call(module, params, args, kwargs)
+
+
+def _kron_linear_tangent(module: nn.Linear, x: Tensor, vs: Dict[str, Tensor]) -> Tensor:
+    """x (a (x) b)^T + v_bias = (x . b) a + v_bias: one dot product per position."""
+    w = vs["weight"]
+    t = (x @ w.b).unsqueeze(-1) * w.a
+    return t + vs["bias"] if "bias" in vs else t
+
+
+def _kron_conv_tangent(module: nn.modules.conv._ConvNd, x: Tensor, vs: Dict[str, Tensor]) -> Tensor:
+    """conv(x, a (x) B)[o] = a_o conv(x, B)_{group(o)}: one output channel per group."""
+    w, g = vs["weight"], module.groups
+    spatial = x.shape[2:]
+    kernel = w.b.expand(g, *w.b.shape).contiguous()  # [g, C_in / g, *k]
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
+    z = conv(x, kernel, None, module.stride, padding, module.dilation, g)  # [N, g, *S']
+    if g > 1:
+        z = z.repeat_interleave(module.out_channels // g, dim=1)
+    t = z * w.a.view(1, -1, *[1] * len(spatial))
+    return t + vs["bias"].view(1, -1, *[1] * len(spatial)) if "bias" in vs else t

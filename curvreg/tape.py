@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import fused
 from .probe import check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
@@ -69,9 +70,17 @@ class _UsageMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.tape._recording:
-            self.tape._on_op(args, kwargs, out)
+        tape = self.tape
+        if (func is torch.nn.functional.linear and tape._recording
+                and fused.can_fuse(args, kwargs, tape._params, tape.fuse_linear)):
+            holder = fused.Holder()
+            tape._holders.append(holder)
+            out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
+                                          holder)
+        else:
+            out = func(*args, **kwargs)
+        if tape._recording:
+            tape._on_op(args, kwargs, out)
         return out
 
 
@@ -146,6 +155,7 @@ class GradNormTape:
         self.estimator, self.num_probes = estimator, num_probes
         self.generator, self.distribution = generator, distribution
         self.methods: Dict[str, str] = {}
+        self.fuse_linear = "auto"  # curvreg.fused: "auto" by layer size, True always, False never
         self.rules = merge_rules(rules, allow_override)
         self._handles: list = []
         self._mode: Optional[_UsageMode] = None
@@ -157,6 +167,7 @@ class GradNormTape:
         self._calls: List[_Call] = []
         self._outside: List[tuple] = []  # (param name, op output) for uses outside any module
         self._stack: List[list] = []
+        self._holders: List[fused.Holder] = []  # one per fused F.linear call
         self._n: Optional[int] = None
 
     def __enter__(self) -> "GradNormTape":
@@ -273,8 +284,14 @@ class GradNormTape:
         if not outs:
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
-        deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
-                                          create_graph=create_graph, allow_unused=True))
+        for h in self._holders:
+            h.delta_pass = True
+        try:
+            deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
+                                              create_graph=create_graph, allow_unused=True))
+        finally:
+            for h in self._holders:
+                h.delta_pass = False
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
             if d is not None:
                 raise ValueError(f"parameter '{name}' is used outside the forward of any module "

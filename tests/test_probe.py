@@ -31,12 +31,14 @@ def within(samples, want, k=4.0):
     return ((mean - want).abs() <= k * se + 1e-12 * want.abs().max()).all()
 
 
-@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
+@pytest.mark.parametrize("estimator", ["probe", "hybrid", "probe-kronecker"])
 @pytest.mark.parametrize("case", MODELS)
 def test_unbiased_values(case, estimator):
     model, x, y = build(case, 5)
     want = exact(model, x, y)
-    runs = [estimate(model, x, y, s, estimator=estimator, num_probes=2) for s in range(200)]
+    kw = dict(estimator="probe", distribution="kronecker") if "kron" in estimator else \
+        dict(estimator=estimator)
+    runs = [estimate(model, x, y, s, num_probes=2, **kw) for s in range(200)]
     samples = torch.stack([sq for sq, _ in runs])
     assert within(samples, want)
     if "probe" in "".join(runs[0][1].methods.values()):  # an estimate, not the exact value
@@ -59,8 +61,9 @@ def test_gaussian_probes_unbiased_with_the_documented_variance(case):
     assert 0.5 < ratio < 1.6
 
 
-@pytest.mark.parametrize("estimator", ["probe", "hybrid"])
-def test_penalty_gradient_unbiased(estimator):
+@pytest.mark.parametrize("estimator,distribution", [("probe", "rademacher"), ("hybrid", "rademacher"),
+                                                    ("probe", "kronecker")])
+def test_penalty_gradient_unbiased(estimator, distribution):
     model, x, y = build("layernorm_groupnorm", 4)
     params = list(model.parameters())
 
@@ -68,8 +71,8 @@ def test_penalty_gradient_unbiased(estimator):
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(sq.mean(), params)])
 
     want = grad_of(exact(model, x, y, create_graph=True))
-    samples = torch.stack([grad_of(estimate(model, x, y, s, create_graph=True,
-                                            estimator=estimator)[0]) for s in range(400)])
+    samples = torch.stack([grad_of(estimate(model, x, y, s, create_graph=True, estimator=estimator,
+                                            distribution=distribution)[0]) for s in range(400)])
     assert within(samples, want, k=4.5)
 
 
@@ -79,9 +82,31 @@ def test_group_size_and_determinism():
     samples = torch.stack([estimate(model, x, y, s, estimator="probe", group_size=3)[0]
                            for s in range(300)])
     assert samples.shape == (300, 2) and within(samples, want)
-    a = estimate(model, x, y, 7, estimator="hybrid", num_probes=3)[0]
-    b = estimate(model, x, y, 7, estimator="hybrid", num_probes=3)[0]
-    assert torch.equal(a, b)
+    for dist in ("rademacher", "kronecker"):
+        a = estimate(model, x, y, 7, estimator="hybrid", num_probes=3, distribution=dist)[0]
+        b = estimate(model, x, y, 7, estimator="hybrid", num_probes=3, distribution=dist)[0]
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["conv2d_stride_pad", "conv2d_same_groups_nobias", "conv2d_reflect_circular",
+                                  "conv1d_stride_dilation", "conv3d", "linear_seq_gram", "mlp"])
+def test_kronecker_tangents_equal_the_dense_probe(case):
+    # The one-channel shortcut must give exactly the layer evaluated at the dense probe a(x)b(x)K.
+    from curvreg.probe import KronProbe, draw, local_tangents
+    model, x, _ = build(case, 3)
+    with curvreg.GradNormTape(model) as tape:
+        model(x)
+    gen = torch.Generator().manual_seed(0)
+    for call in tape._calls:
+        names = list(call.names)
+        vs = {k: draw(getattr(call.module, k), "kronecker", gen) for k in names}
+        assert isinstance(vs["weight"], KronProbe)
+        dense = {k: v.dense() if isinstance(v, KronProbe) else v for k, v in vs.items()}
+        assert dense["weight"].shape == call.module.weight.shape
+        assert set(dense["weight"].unique().tolist()) == {-1.0, 1.0}
+        fast = local_tangents(call, names, vs)[0]
+        want = torch.func.functional_call(call.module, dense, call.args)
+        assert torch.allclose(fast, want, rtol=1e-12, atol=1e-12)
 
 
 def test_hybrid_split_is_reported_and_exact_where_nothing_is_probed():
