@@ -93,6 +93,21 @@ def test_expand_product_extras_and_hash():
     assert {(p["lr"], p["alpha"]) for p in points} == {(0.1, 0.0), (0.1, 1.0), (0.2, 0.0), (0.2, 1.0), (0.5, 5e-4)}
     a = sweep.config_hash({**points[0], "data_dir": "/a"})
     assert a == sweep.config_hash({**points[0], "data_dir": "/b"}) != sweep.config_hash(points[1])
+    # a field added later is left out of the hash at its default, and counts otherwise
+    old = {k: v for k, v in points[0].items() if k != "probe_distribution"}
+    assert sweep.config_hash(old) == sweep.config_hash(points[0])
+    assert sweep.config_hash({**points[0], "probe_distribution": "kronecker"}) != sweep.config_hash(old)
+
+
+def test_committed_stores_keep_their_hashes():
+    # New config fields must not orphan committed results: every point of the committed Figure 1
+    # spec is found in its committed store under the hash the code computes today.
+    import sqlite3
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    points = sweep.expand(sweep.load_spec(root / "fc512-fig1.yaml"))
+    with sqlite3.connect(f"file:{root / 'fc512-fig1' / 'sweep.db'}?immutable=1", uri=True) as db:
+        stored = {h for (h,) in db.execute("select hash from runs where status = 'done'")}
+    assert len(points) == 64 and {sweep.config_hash(p) for p in points} <= stored
 
 
 def test_store_is_single_driver_and_rejects_garbage(tmp_path):

@@ -35,6 +35,7 @@ FLAGS = [  # (flag, config field, type, help)
     ("--normalization", "normalization", str, "standardize, zca or none"),
     ("--curvature-estimator", "curvature_estimator", str, "exact, probe or hybrid"),
     ("--num-probes", "num_probes", int, "probes per step for the probe estimators"),
+    ("--probe-distribution", "probe_distribution", str, "rademacher, gaussian or kronecker"),
 ]
 BOOLS = [("augment", "random crop + flip"), ("nesterov", "Nesterov momentum"),
          ("bf16", "bf16 autocast on GPU"), ("download", "download the dataset if missing"),

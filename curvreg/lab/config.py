@@ -22,6 +22,7 @@ CHOICES = {
     "normalization": ("standardize", "zca", "none"),
     "device": ("auto", "cpu", "cuda"),
     "curvature_estimator": ("exact", "probe", "hybrid"),
+    "probe_distribution": ("rademacher", "gaussian", "kronecker"),
 }
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     gnp_beta: float = 0.8              # GNP mixing weight (lambda / r in Zhao et al.)
     curvature_estimator: str = "exact"
     num_probes: int = 1
+    probe_distribution: str = "rademacher"  # rademacher | gaussian | kronecker (see curvreg.probe)
     normalization: str = "standardize"
     zca_eps: float = 0.1
     augment: bool = False

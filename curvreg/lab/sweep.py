@@ -40,6 +40,9 @@ from .store import Store
 
 SPEC_KEYS = ("base", "grid", "extra", "max_attempts")
 NOT_HASHED = ("data_dir", "download")  # where the data lives does not change a result
+# Config fields added after sweep stores were committed. At their default they are left out of
+# the hash, so every committed store and run directory keeps its hash.
+HASHED_UNLESS_DEFAULT = {"probe_distribution": "rademacher"}
 
 
 # ------------------------------------------------------------------------ spec
@@ -90,7 +93,9 @@ def expand(spec: dict) -> List[dict]:
 
 
 def config_hash(cfg: dict) -> str:
-    canon = json.dumps({k: v for k, v in cfg.items() if k not in NOT_HASHED}, sort_keys=True)
+    canon = json.dumps({k: v for k, v in cfg.items() if k not in NOT_HASHED
+                        and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])},
+                       sort_keys=True)
     return hashlib.sha1(canon.encode()).hexdigest()[:16]
 
 

@@ -146,7 +146,7 @@ class Trainer:
             cfg = self.cfg
             with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
                                       num_probes=cfg.num_probes, generator=self.probe_gen,
-                                      ) as tape, autocast:
+                                      distribution=cfg.probe_distribution) as tape, autocast:
                 out = self.model(x)
             losses = F.cross_entropy(out.float(), y, reduction="none")
             sq = tape.per_example_sq_grad_norms(losses)
