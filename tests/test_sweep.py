@@ -299,3 +299,13 @@ def test_select_seed_changes_the_choice(tmp_path):
     store.close()
     assert report.select(runs)[("fc512", "cifar10")]["no reg"]["config"]["lr"] == 0.01
     assert report.select(runs, select_seed=0)[("fc512", "cifar10")]["no reg"]["config"]["lr"] == 0.02
+
+
+def test_estimator_evidence_regenerates_the_committed_table(tmp_path):
+    # README's probe-evidence table is script output over the committed store.
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "estimator_evidence.py"),
+                          "--db", str(root / "sweeps" / "allcnn-estimators" / "sweep.db"),
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "exact penalty" in out.stdout and (tmp_path / "curves.png").stat().st_size > 0
+    assert (tmp_path / "table.md").read_text() == (root / "docs" / "probe-evidence" / "table.md").read_text()
