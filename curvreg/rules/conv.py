@@ -6,11 +6,10 @@ taps, L output positions) and delta_i the output gradient (``[C_out/g, L]`` per 
 per-example weight gradient is g_i = delta_i U_i^T, summed over the g groups' blocks:
     Gram form          sum_{l,l'} (U_i^T U_i)_{l l'} (delta_i^T delta_i)_{l l'}   ~ L^2 (C_in K + C_out)
     materialized form  ||delta_i U_i^T||_F^2                                    ~ L C_out C_in K / g
-`use_gram` picks the cheaper per call; only the current layer is ever unfolded. For an
-ungrouped layer the materialized form skips the unfold: the per-example weight gradients are one
-grouped convolution of the (padded) input, viewed as C_in images of N channels, with the output
-gradients as N groups of C_out kernels (kernel dilation = the layer's stride, stride = its
-dilation), cropped to the kernel size. The bias gradient is sum_l delta_{i,:,l}.
+`use_gram` picks the cheaper per call; only the current layer is ever unfolded (Gram form). The
+materialized form never unfolds: it is the weight gradient of one grouped convolution whose
+groups are the N examples (times the layer's g groups); see `per_example_weight_grads`. The
+bias gradient is sum_l delta_{i,:,l}.
 """
 from __future__ import annotations
 
@@ -65,28 +64,33 @@ def unfold_patches(layer: _ConvNd, x: Tensor) -> Tensor:
     return cols.reshape(x.shape[0], c * k, -1)
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
 
 
 def per_example_weight_grads(layer: _ConvNd, x: Tensor, grad_output: Tensor, group: int) -> Tensor:
-    """``[C_in, N // group, C_out, *kernel]`` group sums of per-example weight gradients
-    (``layer.groups == 1``; example index second), by one grouped convolution and no unfold."""
-    pads = _explicit_padding(layer)
-    if any(pads):
-        x = F.pad(x, pads, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
-    n, c_in = x.shape[:2]
-    c_out, k = grad_output.shape[1], layer.kernel_size
-    kernels = grad_output.reshape(n * c_out, 1, *grad_output.shape[2:])   # [N*C_out, 1, *L]
-    out = _CONV[len(k)](x.transpose(0, 1), kernels, stride=layer.dilation,
-                        dilation=layer.stride, groups=n)                # [C_in, N*C_out, >= k]
-    out = out[(slice(None), slice(None)) + tuple(slice(0, s) for s in k)]
-    return out.reshape(c_in, n // group, group, c_out, *k).sum(2)
+    """``[N // group, C_out, C_in / g, *kernel]`` group sums of per-example weight gradients.
 
-
-def _grouped_ok(layer: _ConvNd, x: Tensor) -> bool:
-    """The grouped-conv form serves ungrouped layers; grouped ones would compute the
-    cross-group blocks too, so they keep unfold + matmul."""
-    return layer.groups == 1
+    The batch becomes a group dimension: the input viewed as one image of N*C_in channels and
+    the output gradients as one of N*C_out channels are the operands of an ordinary grouped
+    convolution's weight gradient with N*g groups, whose N*C_out kernels are the per-example
+    gradients. No unfold, and autograd differentiates it with grouped convolutions too.
+    """
+    padding = layer.padding
+    if isinstance(padding, str) or layer.padding_mode != "zeros":
+        pads = _explicit_padding(layer)
+        if any(pads):
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        padding = 0
+    n, c_in, g = x.shape[0], x.shape[1], layer.groups
+    c_out, k = grad_output.shape[1], tuple(layer.kernel_size)
+    w = _WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // g, *k),
+                             grad_output.reshape(1, n * c_out, *grad_output.shape[2:]),
+                             stride=layer.stride, padding=padding, dilation=layer.dilation,
+                             groups=n * g)
+    w = w.reshape(n, c_out, c_in // g, *k)
+    return w if group == 1 else w.reshape(n // group, group, *w.shape[1:]).sum(1)
 
 
 def _group_blocks(layer: _ConvNd, x: Tensor, grad_output: Tensor, group: int):
@@ -116,28 +120,21 @@ def conv_sq_norms(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
     x = inputs[0]
     ck = layer.weight[0].numel() * layer.groups
     length = grad_output[0, 0].numel() * group
-    if _grouped_ok(layer, x) and not use_gram(length, ck, grad_output.shape[1], 1):
+    if not use_gram(length, ck, grad_output.shape[1], layer.groups):
         w = per_example_weight_grads(layer, x, grad_output, group)
-        return out + w.pow(2).sum([0] + list(range(2, w.dim())))
+        return out + w.pow(2).flatten(1).sum(1)
     u, d = _group_blocks(layer, x, grad_output, group)
     G, g, ck, length = u.shape
-    if use_gram(length, ck, d.shape[2], g):
-        u = u.transpose(2, 3).reshape(G * g, length, ck)
-        d = d.transpose(2, 3).reshape(G * g, length, d.shape[2])
-        return out + gram_sq_norm(u, d).reshape(G, g).sum(1)
-    return out + torch.matmul(d, u.transpose(2, 3)).pow(2).sum((1, 2, 3))
+    u = u.transpose(2, 3).reshape(G * g, length, ck)
+    d = d.transpose(2, 3).reshape(G * g, length, d.shape[2])
+    return out + gram_sq_norm(u, d).reshape(G, g).sum(1)
 
 
 def conv_grads(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
                names: Sequence[str], group: int) -> Dict[str, Tensor]:
     grads = {}
-    if "weight" in names and _grouped_ok(layer, inputs[0]):
-        w = per_example_weight_grads(layer, inputs[0], grad_output, group)
-        grads["weight"] = w.permute(1, 2, 0, *range(3, w.dim()))  # [G, C_out, C_in, *k]
-    elif "weight" in names:
-        u, d = _group_blocks(layer, inputs[0], grad_output, group)
-        w = torch.matmul(d, u.transpose(2, 3))  # [G, g, C_out/g, CK/g]
-        grads["weight"] = w.reshape(w.shape[0], *layer.weight.shape)
+    if "weight" in names:
+        grads["weight"] = per_example_weight_grads(layer, inputs[0], grad_output, group)
     if "bias" in names:
         b = grad_output.flatten(2).sum(2)
         grads["bias"] = b if group == 1 else b.reshape(-1, group, b.shape[1]).sum(1)
