@@ -8,8 +8,8 @@ delta-chain product first (the chain is differentiated from the input layer up) 
 all until the primal backward comes down to each layer: a model's worth of weight-sized
 temporaries. Here the delta-chain node stashes its two thin factors (delta, u) instead, and the
 layer's own backward forms
-    dJ/dW = [gy; delta]^T [x; u]
-in one matmul with 2N rows. The stash is always consumed first: the layer's backward waits for
+    dJ/dW = gy^T x + delta^T u = [gy; delta]^T [x; u]
+in one weight-sized buffer (the second product is accumulated into the first in place). The stash is always consumed first: the layer's backward waits for
 the gradient of y, which flows back from the loss through the whole delta chain.
 
 Only the tape's forward uses this (``_UsageMode`` routes ``F.linear`` on 2-D inputs with a
@@ -64,13 +64,11 @@ class TapedLinear(torch.autograd.Function):
         if need_w:
             task = _task()
             mine = [s for s in holder.stash if s[0] == task]
+            gw = gy.t().mm(x)
             if mine and not torch.is_grad_enabled():
                 holder.stash = [s for s in holder.stash if s[0] != task]
-                left = torch.cat([gy] + [d for _, d, _ in mine])
-                right = torch.cat([x] + [u for _, _, u in mine])
-                gw = left.t().mm(right)
-            else:
-                gw = gy.t().mm(x)
+                for _, d, u in mine:
+                    gw.addmm_(d.t(), u)  # accumulate in place: no second weight-sized buffer
         return gx, gw, gb, None
 
 
