@@ -8,9 +8,10 @@ delta-chain product first (the chain is differentiated from the input layer up) 
 all until the primal backward comes down to each layer: a model's worth of weight-sized
 temporaries. Here the delta-chain node stashes its two thin factors (delta, u) instead, and the
 layer's own backward forms
-    dJ/dW = gy^T x + delta^T u = [gy; delta]^T [x; u]
-in one weight-sized buffer (the second product is accumulated into the first in place). The stash is always consumed first: the layer's backward waits for
-the gradient of y, which flows back from the loss through the whole delta chain.
+    dJ/dW = gy^T x + delta^T u
+in one weight-sized buffer, accumulating the second product into the first in place. The stash
+is always filled first: the layer's backward waits for the gradient of y, which flows back from
+the loss through the whole delta chain.
 
 Only the tape's forward uses this (``_UsageMode`` routes ``F.linear`` on 2-D inputs with a
 trainable weight here). With ``create_graph=True`` in the outer backward, both nodes fall back to
@@ -99,9 +100,9 @@ def can_fuse(args, kwargs, params, policy="auto") -> bool:
     """True for ``F.linear(x, w[, b])`` on a 2-D float input with a trainable weight of ``params``.
 
     ``policy``: ``True`` fuses every such call, ``False`` none, and ``"auto"`` only those where
-    the weight-sized temporary that fusing saves is larger than the two [2N, d] concatenations it
-    costs: d_in d_out > 2N (d_in + d_out). That holds for the 4096-wide MLP at batch 256 and not
-    for the 512-wide one, where fusing measured slower and no smaller.
+    the weight-sized temporary that fusing saves is more than twice the stashed factors it keeps:
+    d_in d_out > 2N (d_in + d_out). That holds for the 4096-wide MLP at batch 256 and not for the
+    512-wide one, where a first (concatenating) version of fusing measured slower and no smaller.
     """
     if policy is False:
         return False
