@@ -163,13 +163,8 @@ def _kron_conv_tangent(module: nn.modules.conv._ConvNd, x: Tensor, vs: Dict[str,
     """conv(x, a (x) B)[o] = a_o conv(x, B)_{group(o)}: one output channel per group."""
     w, g = vs["weight"], module.groups
     spatial = x.shape[2:]
-    kernel = w.b.expand(g, *w.b.shape).contiguous()  # [g, C_in / g, *k]
-    padding = module.padding
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = 0
-    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
-    z = conv(x, kernel, None, module.stride, padding, module.dilation, g)  # [N, g, *S']
+    kernel = w.b.expand(g, *w.b.shape).contiguous()  # [g, C_in / g, *k]: g groups of one channel
+    z = module._conv_forward(x, kernel, None)  # the layer's own stride/padding/mode: [N, g, *S']
     if g > 1:
         z = z.repeat_interleave(module.out_channels // g, dim=1)
     t = z * w.a.view(1, -1, *[1] * len(spatial))

@@ -43,12 +43,17 @@ def _explicit_padding(layer: _ConvNd) -> list:
     return [p for p in reversed(layer.padding) for _ in range(2)]
 
 
+def _pad(layer: _ConvNd, x: Tensor) -> Tensor:
+    """``x`` with the layer's padding applied explicitly (any ``padding_mode``)."""
+    pads = _explicit_padding(layer)
+    if not any(pads):
+        return x
+    return F.pad(x, pads, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+
+
 def unfold_patches(layer: _ConvNd, x: Tensor) -> Tensor:
     """Input patches ``[N, C_in * K, L]`` in the channel-major order of ``weight.flatten(1)``."""
-    pads = _explicit_padding(layer)
-    if any(pads):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, pads, mode=mode)
+    x = _pad(layer, x)
     nd = len(layer.kernel_size)
     if nd == 1:
         return F.unfold(x.unsqueeze(2), (1, *layer.kernel_size), dilation=(1, *layer.dilation),
@@ -78,11 +83,7 @@ def per_example_weight_grads(layer: _ConvNd, x: Tensor, grad_output: Tensor, gro
     """
     padding = layer.padding
     if isinstance(padding, str) or layer.padding_mode != "zeros":
-        pads = _explicit_padding(layer)
-        if any(pads):
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            x = F.pad(x, pads, mode=mode)
-        padding = 0
+        x, padding = _pad(layer, x), 0
     n, c_in, g = x.shape[0], x.shape[1], layer.groups
     c_out, k = grad_output.shape[1], tuple(layer.kernel_size)
     w = _WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // g, *k),
