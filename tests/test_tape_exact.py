@@ -114,3 +114,54 @@ def test_float32_close_to_float64():
     ref = tape_sq(model, x, y)
     sq32 = tape_sq(model.float(), x.float(), y)
     assert rel_err(sq32.double(), ref) < 1e-4
+
+
+CONV_MATERIALIZED = ["conv2d_stride_pad", "conv1d_stride_dilation", "conv2d_same_groups_nobias",
+                     "conv2d_reflect_circular", "conv3d"]
+
+
+def node_names(root):
+    seen, stack = set(), [root]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize("case", CONV_MATERIALIZED)
+def test_conv_materialized_penalty_third_derivatives(case):
+    # The materialized conv norm is an autograd.Function with a hand-written backward; under
+    # create_graph that backward must itself be differentiable: a Hessian-vector product of
+    # the penalty against double backprop through the batch-size-1 reference.
+    model, x, y = build(case, n=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sq = tape_sq(model, x, y)
+    assert "_MaterializedSqNormBackward" in node_names(sq.grad_fn)
+    ref_sq = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+    out = []
+    for s in (sq, ref_sq):
+        g = torch.autograd.grad(s.mean(), params, create_graph=True)
+        hv = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g, v)), params)
+        out.append(torch.cat([h.flatten() for h in hv]))
+    assert rel_err(out[0], out[1]) < 1e-8
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_conv_materialized_penalty_repeated_backward(group_size):
+    # The first backward forms H = 2 s_bar G in G's storage; a second backward through the
+    # retained graph must recompute G, not reuse the scaled buffer.
+    model, x, y = build("conv2d_stride_pad", n=4)
+    x.requires_grad_(True)
+    with curvreg.GradNormTape(model, group_size=group_size) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    w = torch.arange(1.0, sq.numel() + 1, dtype=sq.dtype)
+    first = torch.autograd.grad((w * sq).sum(), [x, *model.parameters()], retain_graph=True)
+    second = torch.autograd.grad((w * sq).sum(), [x, *model.parameters()])
+    ref_sq = loop_sq_grad_norms(model, ce, x, y, group_size=group_size, create_graph=True)
+    ref = torch.autograd.grad((w * ref_sq).sum(), [x, *model.parameters()])
+    for a, b, r in zip(first, second, ref):
+        assert rel_err(a, r) < 1e-9 and rel_err(b, r) < 1e-9

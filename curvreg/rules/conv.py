@@ -71,6 +71,26 @@ def unfold_patches(layer: _ConvNd, x: Tensor) -> Tensor:
 
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                 3: torch.nn.grad.conv3d_weight}
+_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+               3: torch.nn.grad.conv3d_input}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _operands(layer: _ConvNd, x: Tensor):
+    """``(x, padding)``: string padding and non-zero padding modes applied explicitly."""
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return _pad(layer, x), 0
+    return x, layer.padding
+
+
+def _batched_weight_grad(layer: _ConvNd, x: Tensor, d: Tensor, padding) -> Tensor:
+    """``[N, C_out, C_in / g, *kernel]``: the weight gradient of one grouped convolution whose
+    N*g groups are the examples (times the layer's groups)."""
+    n, c_in, c_out, k = x.shape[0], x.shape[1], d.shape[1], tuple(layer.kernel_size)
+    w = _WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // layer.groups, *k),
+                             d.reshape(1, n * c_out, *d.shape[2:]), stride=layer.stride,
+                             padding=padding, dilation=layer.dilation, groups=n * layer.groups)
+    return w.reshape(n, c_out, c_in // layer.groups, *k)
 
 
 def per_example_weight_grads(layer: _ConvNd, x: Tensor, grad_output: Tensor, group: int) -> Tensor:
@@ -81,17 +101,60 @@ def per_example_weight_grads(layer: _ConvNd, x: Tensor, grad_output: Tensor, gro
     convolution's weight gradient with N*g groups, whose N*C_out kernels are the per-example
     gradients. No unfold, and autograd differentiates it with grouped convolutions too.
     """
-    padding = layer.padding
-    if isinstance(padding, str) or layer.padding_mode != "zeros":
-        x, padding = _pad(layer, x), 0
-    n, c_in, g = x.shape[0], x.shape[1], layer.groups
-    c_out, k = grad_output.shape[1], tuple(layer.kernel_size)
-    w = _WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // g, *k),
-                             grad_output.reshape(1, n * c_out, *grad_output.shape[2:]),
-                             stride=layer.stride, padding=padding, dilation=layer.dilation,
-                             groups=n * g)
-    w = w.reshape(n, c_out, c_in // g, *k)
-    return w if group == 1 else w.reshape(n // group, group, *w.shape[1:]).sum(1)
+    x, padding = _operands(layer, x)
+    return _group_sum(_batched_weight_grad(layer, x, grad_output, padding), group)
+
+
+def _group_sum(w: Tensor, group: int) -> Tensor:
+    return w if group == 1 else w.reshape(w.shape[0] // group, group, *w.shape[1:]).sum(1)
+
+
+class _MaterializedSqNorm(torch.autograd.Function):
+    """s_k = ||G_k||_F^2 with G_k = sum_{i in group k} delta_i (*) x_i the per-example weight
+    gradients of `_batched_weight_grad`.
+
+    Same value and derivatives as ``per_example_weight_grads(...).pow(2).sum()``, with less
+    memory. G is bilinear in (x, delta), so with H = 2 s_bar G (one H_k per example of group k)
+        d/d delta = conv(x, H)             (the layer's convolution with per-example kernels)
+        d/d x     = conv_input(delta, H)   (its input gradient)
+    G is held from forward to backward only, and H is formed in G's own storage, where autograd
+    would hold G and allocate two more G-sized temporaries (pow's backward) at the peak of the
+    step. A second backward through a retained graph recomputes G; under create_graph the
+    backward is built from differentiable ops.
+    """
+
+    @staticmethod
+    def forward(ctx, x, d, layer, padding, group):
+        G = _group_sum(_batched_weight_grad(layer, x, d, padding), group)
+        ctx.save_for_backward(x, d)
+        ctx.layer, ctx.padding, ctx.group, ctx.G = layer, padding, group, G
+        return torch.linalg.vector_norm(G.flatten(1), dim=1).square()  # no G-sized temporary
+
+    @staticmethod
+    def backward(ctx, s_bar):
+        x, d = ctx.saved_tensors
+        layer, padding, group, G = ctx.layer, ctx.padding, ctx.group, ctx.G
+        ctx.G = None
+        scale = (2 * s_bar).reshape(-1, *[1] * x.dim())  # G: [G, C_out, C_in/g, *kernel]
+        if torch.is_grad_enabled():  # create_graph: G as a function of (x, d)
+            H = _group_sum(_batched_weight_grad(layer, x, d, padding), group) * scale
+        else:
+            if G is None:  # second backward through a retained graph
+                G = _group_sum(_batched_weight_grad(layer, x, d, padding), group)
+            H = G.mul_(scale)
+        if group > 1:
+            H = H.repeat_interleave(group, 0)
+        n, c_in, c_out, nd = x.shape[0], x.shape[1], d.shape[1], x.dim() - 2
+        H = H.reshape(n * c_out, *H.shape[2:])
+        gx = gd = None
+        if ctx.needs_input_grad[1]:
+            gd = _CONV[nd](x.reshape(1, n * c_in, *x.shape[2:]), H, stride=layer.stride, padding=padding,
+                           dilation=layer.dilation, groups=n * layer.groups).reshape(d.shape)
+        if ctx.needs_input_grad[0]:
+            gx = _INPUT_GRAD[nd]((1, n * c_in, *x.shape[2:]), H, d.reshape(1, n * c_out, *d.shape[2:]),
+                                 stride=layer.stride, padding=padding, dilation=layer.dilation,
+                                 groups=n * layer.groups).reshape(x.shape)
+        return gx, gd, None, None, None
 
 
 def _group_blocks(layer: _ConvNd, x: Tensor, grad_output: Tensor, group: int):
@@ -122,8 +185,8 @@ def conv_sq_norms(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
     ck = layer.weight[0].numel() * layer.groups
     length = grad_output[0, 0].numel() * group
     if not use_gram(length, ck, grad_output.shape[1], layer.groups):
-        w = per_example_weight_grads(layer, x, grad_output, group)
-        return out + w.pow(2).flatten(1).sum(1)
+        x, padding = _operands(layer, x)
+        return out + _MaterializedSqNorm.apply(x, grad_output, layer, padding, group)
     u, d = _group_blocks(layer, x, grad_output, group)
     G, g, ck, length = u.shape
     u = u.transpose(2, 3).reshape(G * g, length, ck)
