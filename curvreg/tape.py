@@ -23,11 +23,12 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import fused
-from .probe import check_options, draw, hybrid_exact, local_tangents
+from .probe import LINEAR_IN_PARAMS, check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
 
@@ -36,28 +37,43 @@ class FallbackWarning(UserWarning):
 
 
 class _Call:
-    """One recorded call of a module that used trainable parameters."""
+    """One recorded call of a module that used trainable parameters.
 
-    __slots__ = ("module", "path", "args", "kwargs", "outputs", "index", "versions", "names", "keys")
+    Its outputs are kept as gradient edges (autograd node, output number), the targets of the
+    delta pass, not as tensors: a module's output is often dead after the next op (a ReLU saves
+    its own result), and holding it would keep one activation per layer alive through the whole
+    step. Calls without an exact rule (fallback) and probe estimators re-run the module and
+    compare, so they keep the tensors too (``outputs``; otherwise ``None``).
+    A side effect: an in-place op on a rule layer's output (``nn.ReLU(inplace=True)``) is
+    harmless, since delta is taken at the edge recorded before it.
+    """
 
-    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int]):
+    __slots__ = ("module", "path", "args", "kwargs", "edges", "outputs", "index", "versions",
+                 "names", "keys")
+
+    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
         floats = _float_tensors(output)
         self.index = [i for i, t in enumerate(floats) if t.requires_grad]  # recorded outputs
-        self.outputs = [floats[i] for i in self.index]
+        self.edges = [get_gradient_edge(floats[i]) for i in self.index]
+        # ``by_rule``: the exact estimator with a rule for this module; the rule path of
+        # ``GradNormTape._exact`` also needs one output and the module's own parameters.
+        by_rule = by_rule and len(self.index) == 1 and all(k in module._parameters for k in used)
+        self.outputs = None if by_rule else [floats[i] for i in self.index]
         self.names = sorted(used)                 # parameter names relative to ``module``
         self.keys = [used[k] for k in self.names]  # id() of each parameter
         self.versions = [t._version for t in self._tensors()]
 
     def _tensors(self):
         flat = _flat(self.args) + (_flat(self.kwargs) if self.kwargs else [])
-        return [t for t in flat if isinstance(t, Tensor)] + list(self.outputs)
+        return [t for t in flat if isinstance(t, Tensor)] + list(self.outputs or ())
 
     def check_versions(self):
         if any(t._version != v for t, v in zip(self._tensors(), self.versions)):
+            what = "an input or output" if self.outputs else "an input"
             raise RuntimeError(
-                f"an input or output of module '{self.path}' was modified in place after its "
-                "forward (for example by nn.ReLU(inplace=True)); per-example gradients would be "
+                f"{what} of module '{self.path}' was modified in place after its forward (for "
+                "example by nn.ReLU(inplace=True) or x.add_()); per-example gradients would be "
                 "wrong. Use out-of-place ops (inplace=False) in the taped model.")
 
 
@@ -239,7 +255,12 @@ class GradNormTape:
             return
         _, used = self._stack.pop()
         if used:
-            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output, used))
+            # Rules and the probes' closed-form tangents need no outputs; the fallback and the
+            # probes' generic jvp re-run the module and compare with them.
+            by_rule = type(module) in self.rules and (self.estimator == "exact"
+                                                      or type(module) in LINEAR_IN_PARAMS)
+            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output,
+                                     used, by_rule))
 
     def _on_op(self, args, kwargs, out):
         for a in _op_params(args, kwargs):
@@ -277,10 +298,10 @@ class GradNormTape:
         """
         self._check_losses(losses)
         n, m = losses.shape[0], self.group_size
-        calls = [c for c in self._calls if c.outputs]
+        calls = [c for c in self._calls if c.edges]
         for c in calls:
             c.check_versions()
-        outs = [o for c in calls for o in c.outputs] + [t for _, t in self._outside]
+        outs = [e for c in calls for e in c.edges] + [t for _, t in self._outside]
         if not outs:
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
@@ -298,8 +319,8 @@ class GradNormTape:
                                  "of the taped model; wrap that computation in a module")
         per_call = []
         for c in calls:
-            per_call.append(deltas[:len(c.outputs)])
-            del deltas[:len(c.outputs)]
+            per_call.append(deltas[:len(c.edges)])
+            del deltas[:len(c.edges)]
         live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
         if not live:
             raise ValueError("losses was not produced from the taped forward: it does not depend "

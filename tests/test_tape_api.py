@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvreg
+from curvreg.reference import loop_sq_grad_norms
 from curvreg.rules import LayerRule
 
 from models import build, ce
@@ -158,12 +159,47 @@ def test_mixing_custom_module_detected_by_fallback():
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(4, dtype=torch.long)))
 
 
+def test_inplace_relu_after_rule_layers_is_exact():
+    # A rule layer's output is recorded as a gradient edge, so an in-place op on it afterwards
+    # (nn.ReLU(inplace=True)) leaves delta = dL/d(layer output) intact.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    x, y = torch.randn(3, 3, 6, 6, dtype=torch.double), torch.tensor([0, 2, 1])
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert torch.allclose(sq, ref, rtol=1e-10)
+    ours = torch.autograd.grad(sq.sum(), list(model.parameters()))
+    theirs = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    assert all(torch.allclose(a, b, rtol=1e-9) for a, b in zip(ours, theirs))
+
+
+class _InputChangedAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        h.mul_(2)  # b's recorded input no longer holds the values b saw
+        return out
+
+
 def test_inplace_modification_rejected():
-    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    model = _InputChangedAfter().double()
     x = torch.randn(3, 5, dtype=torch.double)
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(RuntimeError, match=r"module '0' was modified in place.*inplace=False"):
+    with pytest.raises(RuntimeError, match=r"an input of module 'b' was modified in place.*inplace=False"):
+        tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
+    # A module without a rule is re-run by the fallback, so its output is checked as well.
+    model = nn.Sequential(nn.Linear(5, 4), nn.PReLU(4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(RuntimeError, match=r"an input or output of module '1' was modified in place"):
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
 
 
