@@ -15,7 +15,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._base import LayerRule, fold_groups, gram_sq_norm
+from ._base import LayerRule, fold_groups, gram_sq_norm, row_sq_norms
 
 
 def use_gram(positions: int, d_in: int, d_out: int) -> bool:
@@ -34,8 +34,8 @@ def linear_sq_norms(layer: nn.Linear, inputs: Sequence, grad_output: Tensor,
                     names: Sequence[str], group: int) -> Tensor:
     x = inputs[0]
     if x.dim() == 2 and group == 1:
-        d2 = grad_output.pow(2).sum(1)  # [N]
-        scale = x.pow(2).sum(1) if "weight" in names else 0.0
+        d2 = row_sq_norms(grad_output)  # [N]
+        scale = row_sq_norms(x) if "weight" in names else 0.0
         return d2 * (scale + (1.0 if "bias" in names else 0.0))
     x, d = _positions(layer, inputs, grad_output, group)
     out = x.new_zeros(x.shape[0])
