@@ -233,6 +233,10 @@ class GradNormTape:
     def _pre_hook(self, module, args):
         if not self._recording:
             return
+        with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+            self._enter_call(module, args)
+
+    def _enter_call(self, module, args):
         reason = _mixing_reason(module)
         if reason:
             raise ValueError(_mixing_message(_path(self._paths, module), type(module).__name__, reason))
@@ -255,12 +259,16 @@ class GradNormTape:
             return
         _, used = self._stack.pop()
         if used:
-            # Rules and the probes' closed-form tangents need no outputs; the fallback and the
-            # probes' generic jvp re-run the module and compare with them.
-            by_rule = type(module) in self.rules and (self.estimator == "exact"
-                                                      or type(module) in LINEAR_IN_PARAMS)
-            self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output,
-                                     used, by_rule))
+            with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+                self._record(module, args, kwargs, output, used)
+
+    def _record(self, module, args, kwargs, output, used):
+        # Rules and the probes' closed-form tangents need no outputs; the fallback and the
+        # probes' generic jvp re-run the module and compare with them.
+        by_rule = type(module) in self.rules and (self.estimator == "exact"
+                                                  or type(module) in LINEAR_IN_PARAMS)
+        self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output,
+                                 used, by_rule))
 
     def _on_op(self, args, kwargs, out):
         for a in _op_params(args, kwargs):
