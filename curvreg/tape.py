@@ -56,8 +56,8 @@ class _Call:
         floats = _float_tensors(output)
         self.index = [i for i, t in enumerate(floats) if t.requires_grad]  # recorded outputs
         self.edges = [get_gradient_edge(floats[i]) for i in self.index]
-        # ``by_rule``: the exact estimator with a rule for this module; the rule path of
-        # ``GradNormTape._exact`` also needs one output and the module's own parameters.
+        # ``by_rule``: a rule (or a closed-form probe tangent) will handle this module, which
+        # also needs one output and the module's own parameters (see ``GradNormTape._exact``).
         by_rule = by_rule and len(self.index) == 1 and all(k in module._parameters for k in used)
         self.outputs = None if by_rule else [floats[i] for i in self.index]
         self.names = sorted(used)                 # parameter names relative to ``module``

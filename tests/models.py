@@ -189,3 +189,14 @@ def build(case: str, n: int, seed: int = 0):
 
 def ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
+
+
+def node_names(root):
+    """Type names of every autograd node reachable from ``root`` (a grad_fn)."""
+    seen, stack = set(), [root]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}

@@ -4,7 +4,7 @@ import torch
 
 import curvreg
 
-from models import build, ce
+from models import build, ce, node_names
 
 CASES = ["mlp", "mlp_gelu_nobias", "recurrent", "shared_pair", "frozen", "fallback_custom",
          "layernorm_groupnorm", "conv2d_stride_pad"]
@@ -17,18 +17,6 @@ def objective(model, x, y, fuse, alpha=0.37):
     losses = ce(out, y)
     sq = tape.per_example_sq_grad_norms(losses)
     return losses.mean() + alpha * sq.mean(), tape
-
-
-def node_names(root):
-    seen, stack, names = set(), [root], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
 
 
 def flat(gs):

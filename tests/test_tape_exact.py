@@ -7,7 +7,7 @@ import torch
 import curvreg
 from curvreg.reference import loop_sq_grad_norms, vmap_sq_grad_norms
 
-from models import CASES, FALLBACK_CASES, build, ce
+from models import CASES, FALLBACK_CASES, build, ce, node_names
 
 
 def rel_err(a, b):
@@ -118,16 +118,6 @@ def test_float32_close_to_float64():
 
 CONV_MATERIALIZED = ["conv2d_stride_pad", "conv1d_stride_dilation", "conv2d_same_groups_nobias",
                      "conv2d_reflect_circular", "conv3d"]
-
-
-def node_names(root):
-    seen, stack = set(), [root]
-    while stack:
-        fn = stack.pop()
-        if fn is not None and fn not in seen:
-            seen.add(fn)
-            stack.extend(f for f, _ in fn.next_functions)
-    return {type(fn).__name__ for fn in seen}
 
 
 @pytest.mark.parametrize("case", CONV_MATERIALIZED)
