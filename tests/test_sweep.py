@@ -301,6 +301,24 @@ def test_select_seed_changes_the_choice(tmp_path):
     assert report.select(runs, select_seed=0)[("fc512", "cifar10")]["no reg"]["config"]["lr"] == 0.02
 
 
+
+def test_seeds_added_after_a_new_config_field_join_their_setting(tmp_path):
+    # Seed 0 was stored before `probe_distribution` existed; seed 1 carries it at its default.
+    # Both hash as before (HASHED_UNLESS_DEFAULT) and must count as one setting (n = 2).
+    store = Store(tmp_path / "sweep.db")
+    base = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": 0.05,
+            "weight_decay": 1e-3, "alpha": 0.0, "epochs": 1}
+    for cfg, acc in ((dict(base, seed=0), 0.70), (dict(base, seed=1, probe_distribution="rademacher"), 0.72)):
+        h = sweep.config_hash(cfg)
+        store.add([(h, cfg, "x")])
+        store.claim([h], 1)
+        store.finish(h, "done", {"val_acc": acc, "test_acc": acc}, [])
+    runs = store.runs()
+    store.close()
+    sel = report.select(runs, select_seed=0)[("fc512", "cifar10")]["L2 only"]
+    assert sorted(sel["test"]) == [0.70, 0.72]
+    assert sweep.config_hash(dict(base, seed=1)) == sweep.config_hash(dict(base, seed=1, probe_distribution="rademacher"))
+
 def test_estimator_evidence_regenerates_the_committed_table(tmp_path):
     # README's probe-evidence table is script output over the committed store.
     root = Path(__file__).resolve().parents[1]
@@ -309,3 +327,22 @@ def test_estimator_evidence_regenerates_the_committed_table(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, check=True)
     assert "exact penalty" in out.stdout and (tmp_path / "curves.png").stat().st_size > 0
     assert (tmp_path / "table.md").read_text() == (root / "docs" / "probe-evidence" / "table.md").read_text()
+
+
+COMMITTED_REPORTS = [  # (store, committed report dir, extra args): REPRODUCTION.md's tables
+    ("sweeps/fc512-fig1", "docs/repro/fig1", []),
+    ("sweeps/fc512-fig1/table1.db", "docs/repro/table1", ["--select-seed", "0"]),
+    ("sweeps/fc512-zca100", "docs/repro/table1-zca100", ["--select-seed", "0"]),
+]
+
+
+@pytest.mark.parametrize("store,committed,args", COMMITTED_REPORTS)
+def test_report_regenerates_the_committed_tables(tmp_path, store, committed, args):
+    # Every number in REPRODUCTION.md's tables traces to a committed store: rerunning the
+    # report on it gives the committed table and selection, byte for byte.
+    root = Path(__file__).resolve().parents[1]
+    main(["report", str(root / store), "--out", str(tmp_path), *args])
+    for name in ("table.md", "selected.json"):
+        assert (tmp_path / name).read_text() == (root / committed / name).read_text(), (
+            f"{committed}/{name} is stale; regenerate it with "
+            f"`curvreg report {store} --out {committed} {' '.join(args)}` and commit both")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .store import Store
-from .sweep import NOT_HASHED
+from .sweep import identity
 
 COLUMNS = ("no reg", "L2 only", "curvature only", "curvature + L2")
 PAPER = {  # Geng et al., Tables 1 and 2 (test accuracy, %)
@@ -51,8 +51,8 @@ def column(cfg: dict) -> Optional[str]:
 
 
 def setting_key(cfg: dict) -> str:
-    return json.dumps({k: v for k, v in cfg.items() if k not in NOT_HASHED + ("seed",)},
-                      sort_keys=True)
+    """Runs whose configs differ only in the seed (or in fields the hash ignores) share a key."""
+    return json.dumps({k: v for k, v in identity(cfg).items() if k != "seed"}, sort_keys=True)
 
 
 def load(path) -> tuple:

@@ -92,11 +92,14 @@ def expand(spec: dict) -> List[dict]:
     return points
 
 
+def identity(cfg: dict) -> dict:
+    """The fields of a run config that determine its result (what the hash covers)."""
+    return {k: v for k, v in cfg.items() if k not in NOT_HASHED
+            and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])}
+
+
 def config_hash(cfg: dict) -> str:
-    canon = json.dumps({k: v for k, v in cfg.items() if k not in NOT_HASHED
-                        and not (k in HASHED_UNLESS_DEFAULT and v == HASHED_UNLESS_DEFAULT[k])},
-                       sort_keys=True)
-    return hashlib.sha1(canon.encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------ one run
