@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import LayerRule, gram_sq_norm
+from ._base import LayerRule, gram_sq_norm, row_sq_norms, sum_groups
 
 _ConvNd = nn.modules.conv._ConvNd
 
@@ -102,11 +102,12 @@ def per_example_weight_grads(layer: _ConvNd, x: Tensor, grad_output: Tensor, gro
     gradients. No unfold, and autograd differentiates it with grouped convolutions too.
     """
     x, padding = _operands(layer, x)
-    return _group_sum(_batched_weight_grad(layer, x, grad_output, padding), group)
+    return _summed_weight_grads(layer, x, grad_output, padding, group)
 
 
-def _group_sum(w: Tensor, group: int) -> Tensor:
-    return w if group == 1 else w.reshape(w.shape[0] // group, group, *w.shape[1:]).sum(1)
+def _summed_weight_grads(layer: _ConvNd, x: Tensor, d: Tensor, padding, group: int) -> Tensor:
+    """``_batched_weight_grad`` summed over groups of ``group`` consecutive examples."""
+    return sum_groups(_batched_weight_grad(layer, x, d, padding), group)
 
 
 class _MaterializedSqNorm(torch.autograd.Function):
@@ -125,10 +126,10 @@ class _MaterializedSqNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, d, layer, padding, group):
-        G = _group_sum(_batched_weight_grad(layer, x, d, padding), group)
+        G = _summed_weight_grads(layer, x, d, padding, group)
         ctx.save_for_backward(x, d)
         ctx.layer, ctx.padding, ctx.group, ctx.G = layer, padding, group, G
-        return torch.linalg.vector_norm(G.flatten(1), dim=1).square()  # no G-sized temporary
+        return row_sq_norms(G)  # one reduction, no G-sized temporary
 
     @staticmethod
     def backward(ctx, s_bar):
@@ -137,10 +138,10 @@ class _MaterializedSqNorm(torch.autograd.Function):
         ctx.G = None
         scale = (2 * s_bar).reshape(-1, *[1] * x.dim())  # G: [G, C_out, C_in/g, *kernel]
         if torch.is_grad_enabled():  # create_graph: G as a function of (x, d)
-            H = _group_sum(_batched_weight_grad(layer, x, d, padding), group) * scale
+            H = _summed_weight_grads(layer, x, d, padding, group) * scale
         else:
             if G is None:  # second backward through a retained graph
-                G = _group_sum(_batched_weight_grad(layer, x, d, padding), group)
+                G = _summed_weight_grads(layer, x, d, padding, group)
             H = G.mul_(scale)
         if group > 1:
             H = H.repeat_interleave(group, 0)
@@ -178,7 +179,7 @@ def conv_sq_norms(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
     out = grad_output.new_zeros(grad_output.shape[0] // group)
     if "bias" in names:
         b = grad_output.flatten(2).sum(2)  # [N, C_out]
-        out = out + (b if group == 1 else b.reshape(-1, group, b.shape[1]).sum(1)).pow(2).sum(1)
+        out = out + sum_groups(b, group).pow(2).sum(1)
     if "weight" not in names:
         return out
     x = inputs[0]
@@ -201,7 +202,7 @@ def conv_grads(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
         grads["weight"] = per_example_weight_grads(layer, inputs[0], grad_output, group)
     if "bias" in names:
         b = grad_output.flatten(2).sum(2)
-        grads["bias"] = b if group == 1 else b.reshape(-1, group, b.shape[1]).sum(1)
+        grads["bias"] = sum_groups(b, group)
     return grads
 
 
