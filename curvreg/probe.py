@@ -48,18 +48,18 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
+from .ops import ElementwiseAffine
 from .rules.fallback import _children_see_constants
 
 ESTIMATORS = ("exact", "probe", "hybrid")
 DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
 
-# Layer types whose output is linear in (all of) their parameters, given the inputs.
-LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm,
-                    nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 # Layers that ``hybrid`` keeps exact: their ghost norm costs about as little as a probe.
-HYBRID_EXACT = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
-                nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+HYBRID_EXACT = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d,
+                nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                nn.InstanceNorm3d, ElementwiseAffine)
+# Layer types whose output is linear in (all of) their parameters, given the inputs.
+LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + HYBRID_EXACT
 
 
 def check_options(estimator: str, num_probes, distribution: str) -> None:
@@ -147,6 +147,9 @@ def _linear_tangent(module: nn.Module, args: tuple, kwargs: dict, vs: Dict[str, 
     if isinstance(module, nn.modules.conv._ConvNd):
         return module._conv_forward(args[0], vs.get("weight", torch.zeros_like(module.weight)),
                                     vs.get("bias"))
+    if isinstance(module, ElementwiseAffine):
+        v = vs["weight"]
+        return args[0] * v if module.kind == "mul" else v.expand(args[0].shape)
     params = {k: (vs[k] if k in vs else torch.zeros_like(p))
               for k, p in module._parameters.items() if p is not None}
     return functional_call(module, params, args, kwargs)

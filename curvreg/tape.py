@@ -21,13 +21,17 @@ import warnings
 from collections import Counter
 from typing import Dict, List, Mapping, Optional
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import fused
+from . import fused, ops
 from .probe import LINEAR_IN_PARAMS, check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
@@ -49,10 +53,13 @@ class _Call:
     """
 
     __slots__ = ("module", "path", "args", "kwargs", "edges", "outputs", "index", "versions",
-                 "names", "keys")
+                 "names", "keys", "op", "position_wise", "dims", "origin")
 
-    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool):
+    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool,
+                 op: Optional[str] = None, position_wise: bool = False):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
+        self.op, self.position_wise = op, position_wise  # op: set for op-level calls (curvreg.ops)
+        self.origin = None  # for an output expanded to the batch: the edge of the unexpanded one
         floats = _float_tensors(output)
         self.index = [i for i, t in enumerate(floats) if t.requires_grad]  # recorded outputs
         self.edges = [get_gradient_edge(floats[i]) for i in self.index]
@@ -63,6 +70,14 @@ class _Call:
         self.names = sorted(used)                 # parameter names relative to ``module``
         self.keys = [used[k] for k in self.names]  # id() of each parameter
         self.versions = [t._version for t in self._tensors()]
+        self.dims = _example_dims(module, [floats[i] for i in self.index])
+
+    @property
+    def where(self) -> str:
+        """``module 'path' (Type)`` or ``op F.linear in module 'path'``, for messages."""
+        if self.op is not None:
+            return f"op {self.op} in module '{self.path}'"
+        return f"module '{self.path}' ({type(self.module).__name__})"
 
     def _tensors(self):
         flat = _flat(self.args) + (_flat(self.kwargs) if self.kwargs else [])
@@ -72,7 +87,7 @@ class _Call:
         if any(t._version != v for t, v in zip(self._tensors(), self.versions)):
             what = "an input or output" if self.outputs else "an input"
             raise RuntimeError(
-                f"{what} of module '{self.path}' was modified in place after its forward (for "
+                f"{what} of {self.where} was modified in place after its forward (for "
                 "example by nn.ReLU(inplace=True) or x.add_()); per-example gradients would be "
                 "wrong. Use out-of-place ops (inplace=False) in the taped model.")
 
@@ -87,16 +102,24 @@ class _UsageMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tape = self.tape
-        if (func is torch.nn.functional.linear and tape._recording
-                and fused.can_fuse(args, kwargs, tape._params, tape.fuse_linear)):
+        if not tape._recording:
+            return func(*args, **kwargs)
+        refused = ops.NO_DOUBLE_BACKWARD.get(func)
+        if refused is not None and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in _flat((args, kwargs))):
+            raise ValueError(f"{refused[0]} in module '{tape._where()}' has no second derivative "
+                             "in PyTorch, so a penalty on gradients through it cannot be trained. "
+                             f"Use {refused[1]} instead.")
+        if func in _BROADCASTING and tape._unbatched and len(args) == 2:
+            args = tape._broadcast(args)
+        if (func is F.linear and fused.can_fuse(args, kwargs, tape._params, tape.fuse_linear)):
             holder = fused.Holder()
             tape._holders.append(holder)
             out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
                                           holder)
         else:
             out = func(*args, **kwargs)
-        if tape._recording:
-            tape._on_op(args, kwargs, out)
+        tape._on_op(func, args, kwargs, out)
         return out
 
 
@@ -161,9 +184,19 @@ class GradNormTape:
     def __init__(self, model: nn.Module, *, rules: Optional[Mapping[type, LayerRule]] = None,
                  allow_override: bool = False, group_size: int = 1, estimator: str = "exact",
                  num_probes: int = 1, generator: Optional[torch.Generator] = None,
-                 distribution: str = "rademacher"):
+                 distribution: str = "rademacher", fuse_linear="auto",
+                 check_independence: str = "once"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTape needs an nn.Module, got {type(model).__name__}")
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            raise TypeError("GradNormTape cannot record a torch.compile'd model: compiled code "
+                            "bypasses the op recording. Tape the uncompiled module (model._orig_mod) "
+                            "and compile the training step around the tape instead, or not at all.")
+        if fuse_linear not in (True, False, "auto"):
+            raise ValueError(f"fuse_linear must be True, False or 'auto', got {fuse_linear!r}")
+        if check_independence not in _CHECKS:
+            raise ValueError(f"check_independence must be one of {_CHECKS}, got "
+                             f"{check_independence!r}")
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
         check_options(estimator, num_probes, distribution)
@@ -171,8 +204,10 @@ class GradNormTape:
         self.estimator, self.num_probes = estimator, num_probes
         self.generator, self.distribution = generator, distribution
         self.methods: Dict[str, str] = {}
-        self.fuse_linear = "auto"  # curvreg.fused: "auto" by layer size, True always, False never
+        self.fuse_linear = fuse_linear  # curvreg.fused: "auto" by layer size, True always, False never
+        self.check_independence = check_independence
         self.rules = merge_rules(rules, allow_override)
+        self._module_rules = frozenset(rules or ())  # applied per module call, not per op
         self._handles: list = []
         self._mode: Optional[_UsageMode] = None
         self._recording = False
@@ -185,6 +220,9 @@ class GradNormTape:
         self._stack: List[list] = []
         self._holders: List[fused.Holder] = []  # one per fused F.linear call
         self._n: Optional[int] = None
+        # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
+        # until a broadcasting op meets them with the batch (see _broadcast)
+        self._unbatched: Dict[int, tuple] = {}
 
     def __enter__(self) -> "GradNormTape":
         if self._mode is not None:
@@ -205,6 +243,10 @@ class GradNormTape:
             for module in self._modules_with_params():
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook))
                 self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+            # The fused attention kernels have no double backward; the math kernel computes the
+            # same function with differentiable ops (nested calls included).
+            self._sdpa = sdpa_kernel(SDPBackend.MATH)
+            self._sdpa.__enter__()
             self._mode = _UsageMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -217,6 +259,7 @@ class GradNormTape:
         self._recording = False
         if self._mode is not None:
             self._mode.__exit__(*exc)
+            self._sdpa.__exit__(*exc)
         self._remove()
 
     def _modules_with_params(self):
@@ -263,33 +306,91 @@ class GradNormTape:
                 self._record(module, args, kwargs, output, used)
 
     def _record(self, module, args, kwargs, output, used):
-        # Rules and the probes' closed-form tangents need no outputs; the fallback and the
-        # probes' generic jvp re-run the module and compare with them.
-        by_rule = type(module) in self.rules and (self.estimator == "exact"
-                                                  or type(module) in LINEAR_IN_PARAMS)
+        # A module rule (passed by the user) or a closed-form probe tangent needs no outputs; the
+        # fallback and the probes' generic jvp re-run the module and compare with them.
+        by_rule = type(module) in self._module_rules and (self.estimator == "exact"
+                                                          or type(module) in LINEAR_IN_PARAMS)
         self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output,
                                  used, by_rule))
 
-    def _on_op(self, args, kwargs, out):
-        for a in _op_params(args, kwargs):
-            entry = self._params.get(id(a)) if isinstance(a, nn.Parameter) else None
-            if entry is None:
-                continue
-            if not self._stack:
-                self._outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
-                continue
-            module, used = self._stack[-1]
-            local = self._local.get(id(module))
-            if local is None:
-                local = {id(p): n for n, p in module.named_parameters()}
-                self._local[id(module)] = local
-            name = local.get(id(a))
-            if name is None:
-                raise ValueError(f"module '{_path(self._paths, module)}' uses parameter "
-                                 f"'{entry[0]}', which belongs to neither it nor its children; "
-                                 "per-example gradients of that use cannot be attributed. "
-                                 "Move the parameter into the module that uses it.")
-            used[name] = id(a)
+    def _broadcast(self, args):
+        """Expand an unbatched rule-op output to the batch where it meets batched data.
+
+        ``x + pos`` with pos = embedding(position_ids [1, T]) is [N, T, d] + [1, T, d]; replacing
+        pos by its expansion to [N, T, d] computes the same sum, and the expansion's gradient
+        row i is d l_i / d pos. The op's call is re-pointed at the expansion, with its inputs
+        expanded alike, so its rule sees an ordinary per-example call. Every other use of pos
+        is checked at the delta pass (``origin``)."""
+        with torch._C.DisableTorchFunction():
+            a, b = args
+            n = self._n
+            for i, (t, other) in enumerate(((a, b), (b, a))):
+                entry = self._unbatched.get(id(t)) if isinstance(t, Tensor) else None
+                if (entry is None or entry[1] is not t or not isinstance(other, Tensor)
+                        or other.dim() < t.dim() or other.dim() == 0 or other.shape[0] != n):
+                    continue
+                call = entry[0]
+                if call.origin is not None or len(call.edges) != 1:
+                    continue
+                pad = other.dim() - t.dim()
+                if pad == 0 and t.shape[0] != 1:
+                    continue
+                rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (other.dim() - 1)))
+                x = call.args[0]
+                call.args = (x.reshape((1,) * pad + tuple(x.shape)).expand(n, *([-1] * (x.dim() + pad - 1))),
+                             ) + tuple(call.args[1:])
+                call.origin = call.edges[0]
+                call.edges = [get_gradient_edge(rep)]
+                del self._unbatched[id(t)]
+                return (rep, b) if i == 0 else (a, rep)
+        return args
+
+    def _where(self) -> str:
+        return _path(self._paths, self._stack[-1][0]) if self._stack else "<outside modules>"
+
+    def _on_op(self, func, args, kwargs, out):
+        used = [a for a in _op_params(args, kwargs) if id(a) in self._params]
+        if not used:
+            return
+        module = self._stack[-1][0] if self._stack else None
+        use = None
+        if module is None or type(module) not in self._module_rules:
+            try:
+                use = ops.match(func, args, kwargs, self._params)
+            except ops.BatchStatistics as e:
+                raise ValueError(_mixing_message(
+                    self._where(), str(e), "normalizes with the statistics of the batch")) from None
+        if use is not None:
+            with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+                names = {k: id(use.shell._parameters[k]) for k in use.names}
+                call = _Call(use.shell, self._where(), use.inputs, None, out, names,
+                             True, op=use.op, position_wise=use.position_wise)
+                self._calls.append(call)
+                if (isinstance(out, Tensor) and self._n is not None and self._n > 1
+                        and (out.dim() == 0 or out.shape[0] != self._n)):
+                    self._unbatched[id(out)] = (call, out)
+            covered = set(names.values())
+            used = [a for a in used if id(a) not in covered]
+        for a in used:
+            self._attribute(module, a, out)
+
+    def _attribute(self, module, a, out):
+        """Count parameter ``a``'s use in an op no op rule covers toward ``module``'s call."""
+        entry = self._params[id(a)]
+        if module is None:
+            self._outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
+            return
+        local = self._local.get(id(module))
+        if local is None:
+            local = {id(p): n for n, p in module.named_parameters()}
+            self._local[id(module)] = local
+        name = local.get(id(a))
+        if name is None:
+            raise ValueError(f"module '{_path(self._paths, module)}' uses parameter "
+                             f"'{entry[0]}', which belongs to neither it nor its children; "
+                             "per-example gradients of that use cannot be attributed. "
+                             "Move the parameter into the module that uses it.")
+        self._stack[-1][1][name] = id(a)
 
     # ----------------------------------------------------------------- computing
     def per_example_sq_grad_norms(self, losses: Tensor, *, create_graph: bool = True) -> Tensor:
@@ -309,7 +410,9 @@ class GradNormTape:
         calls = [c for c in self._calls if c.edges]
         for c in calls:
             c.check_versions()
-        outs = [e for c in calls for e in c.edges] + [t for _, t in self._outside]
+        expanded = [c for c in calls if c.origin is not None]
+        outs = ([e for c in calls for e in c.edges] + [t for _, t in self._outside]
+                + [c.origin for c in expanded])
         if not outs:
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
@@ -321,6 +424,8 @@ class GradNormTape:
         finally:
             for h in self._holders:
                 h.delta_pass = False
+        origin_deltas = deltas[len(deltas) - len(expanded):] if expanded else []
+        del deltas[len(deltas) - len(expanded):]
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
             if d is not None:
                 raise ValueError(f"parameter '{name}' is used outside the forward of any module "
@@ -329,13 +434,72 @@ class GradNormTape:
         for c in calls:
             per_call.append(deltas[:len(c.edges)])
             del deltas[:len(c.edges)]
+        by_call = {id(c): d for c, d in zip(calls, per_call)}
+        for c, total in zip(expanded, origin_deltas):
+            rep = by_call[id(c)][0]
+            if total is None or rep is None or not torch.allclose(
+                    rep.detach().sum(0).reshape(total.shape), total.detach(), rtol=1e-6, atol=1e-12):
+                raise ValueError(
+                    f"the output of {c.where} has no example dimension and is used by an op "
+                    "other than the broadcasting sum or product that met it with the batch; "
+                    "per-example gradients of that use cannot be separated. Expand it to the "
+                    "batch first (e.g. position_ids.expand(N, -1)).")
         live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
         if not live:
             raise ValueError("losses was not produced from the taped forward: it does not depend "
                              "on any recorded module output")
+        for c, d in live:
+            for delta, dim in zip(d, c.dims):
+                if delta is not None:
+                    _check_leading(c, delta, n, dim)
+        self._check_independent(losses, live, n)
         with torch.set_grad_enabled(create_graph):
             total = self._accumulate(live, n)
         return total / (m * m)
+
+    def _check_independent(self, losses: Tensor, live, n: int) -> None:
+        """Refuse if example j's loss depends on another example's row of a recorded output.
+
+        The rules read row i of every recorded output's gradient as d l_i / d y_i. That holds
+        only if (a) the dimension taken as the example dimension is one, and (b) nothing after
+        the output mixes examples (batch statistics, a reduction or indexing over the batch).
+        One backward of l_j alone tests both: every other row of its gradient must be exactly
+        zero. It runs once per model and recorded structure (``check_independence="once"``).
+        """
+        if self.check_independence == "never" or n < 2:
+            return
+        key = (self.model.training, n, tuple((c.path, c.op, tuple(tuple(t.shape) for t in d if t is not None))
+                                            for c, d in live))
+        seen = _CHECKED.setdefault(self.model, set())
+        if self.check_independence == "once" and key in seen:
+            return
+        j = n // 2
+        targets = [(c, e, dim) for c, d in live for e, delta, dim in zip(c.edges, d, c.dims)
+                   if delta is not None]
+        for h in self._holders:
+            h.delta_pass = True
+        try:
+            grads = torch.autograd.grad(losses[j], [e for _, e, _ in targets], retain_graph=True,
+                                        allow_unused=True)
+        finally:
+            for h in self._holders:
+                h.delta_pass = False
+        for (c, _, dim), g in zip(targets, grads):
+            if g is None:
+                continue
+            rows = g.detach().movedim(dim, 0).reshape(n, -1).abs().sum(1)
+            rows[j] = 0
+            if bool(rows.any()):
+                k = int(rows.nonzero()[0])
+                raise ValueError(
+                    f"examples are not independent at {c.where}: row {k} of its output (taken as "
+                    f"example {k}) changes the loss of example {j}. Either that dimension is not "
+                    "the example dimension (positions, or a batch merged with another axis "
+                    "example-minor), or the model mixes examples after it (batch statistics, a "
+                    "reduction, normalization or indexing over the batch). Per-example gradients "
+                    "through it are not separable: keep examples independent along dim 0, or put "
+                    "batch-statistics layers in eval mode.")
+        seen.add(key)
 
     def _check_losses(self, losses):
         if not isinstance(losses, Tensor):
@@ -359,26 +523,34 @@ class GradNormTape:
         if n % self.group_size:
             raise ValueError(f"group_size={self.group_size} does not divide the batch size {n}")
 
+    def _rule(self, c: _Call) -> Optional[LayerRule]:
+        """The rule for a call: op calls by shell type, module calls only by a user rule."""
+        if c.op is None and type(c.module) not in self._module_rules:
+            return None
+        return self.rules.get(type(c.module))
+
     def _plan(self, live) -> List[tuple]:
         """Per live call: (names computed exactly, names probed)."""
         if self.estimator == "exact":
             return [(c.names, []) for c, _ in live]
         if self.estimator == "probe":
             return [([], c.names) for c, _ in live]
-        ok = [type(c.module) in self.rules and hybrid_exact(c.module, c.args) for c, _ in live]
+        ok = [self._rule(c) is not None and hybrid_exact(c.module, c.args)
+              and (d[0] is None or d[0].shape[0] == self._n) for c, d in live]
         probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys}
         return [([k for k, key in zip(c.names, c.keys) if key not in probed],
                  [k for k, key in zip(c.names, c.keys) if key in probed]) for c, _ in live]
 
     def _accumulate(self, live, n: int) -> Tensor:
         plan = self._plan(live)
-        self.methods = {}
+        methods: Dict[str, List[str]] = {}
         for (c, _), (exact, probed) in zip(live, plan):
-            kinds = self.methods.get(c.path, "").split("+") if c.path in self.methods else []
-            for kind, names in (("exact", exact), ("probe", probed)):
+            kinds = methods.setdefault(c.path, [])
+            fallback = exact and self._rule(c) is None
+            for kind, names in (("fallback" if fallback else "exact", exact), ("probe", probed)):
                 if names and kind not in kinds:
                     kinds.append(kind)
-            self.methods[c.path] = "+".join(kinds)
+        self.methods = {path: "+".join(kinds) for path, kinds in methods.items()}
         total = self._exact(live, plan, n)
         est = self._probe(live, plan, n)
         if est is not None:
@@ -396,19 +568,16 @@ class GradNormTape:
             keys = [key for k, key in zip(c.names, c.keys) if k in names]
             single = [k for k, key in zip(names, keys) if owners[key] == 1]
             multi = [k for k, key in zip(names, keys) if owners[key] > 1]
-            rule = self.rules.get(type(c.module))
+            rule = self._rule(c)
             if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
-                delta = d[0]
-                _check_leading(c, delta, n)
+                args, delta = _example_view(c, d[0], 0, n)
                 if single:
-                    sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, c.args, delta, single, m)
+                    sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, m)
                     total = sq if total is None else total + sq
-                grads = rule.grads(c.module, c.args, delta, multi, m) if multi else {}
+                grads = rule.grads(c.module, args, delta, multi, m) if multi else {}
             else:
-                fallbacks.append(f"{c.path} ({type(c.module).__name__})")
-                self.methods[c.path] = self.methods[c.path].replace("exact", "fallback")
-                grads = fallback_grads(c.module, c.path, c.args, c.kwargs, c.outputs, d,
-                                       names, m, n)
+                fallbacks.append(c.where)
+                grads = fallback_grads(c, d, names, m, n, self._covered)
                 single_grads = {k: v for k, v in grads.items() if k in single}
                 if single_grads:
                     sq = sq_from_grads(single_grads)
@@ -421,10 +590,18 @@ class GradNormTape:
             sq = sq_from_grads(shared)
             total = sq if total is None else total + sq
         if fallbacks:
-            warnings.warn("curvreg: no exact rule for these modules; using the per-example "
-                          "torch.func fallback (slower): " + ", ".join(sorted(set(fallbacks))),
+            warnings.warn("curvreg: no exact rule for these uses of parameters; using the "
+                          "per-example loop fallback (slower): " + ", ".join(sorted(set(fallbacks))),
                           FallbackWarning, stacklevel=4)
         return total
+
+    def _covered(self, func, args, kwargs) -> set:
+        """ids of the parameters an op rule covers in this call (for the fallback's re-run)."""
+        try:
+            use = ops.match(func, args, kwargs, self._params)
+        except ops.BatchStatistics:
+            return set()
+        return set() if use is None else {id(use.shell._parameters[k]) for k in use.names}
 
     def _probe(self, live, plan, n: int) -> Optional[Tensor]:
         """(1/K) sum_k (g_group . v_k)^2 over the probed parameters (see ``curvreg.probe``)."""
@@ -440,15 +617,44 @@ class GradNormTape:
             for c, d, names in work:
                 local = {k: vs[key] for k, key in zip(c.names, c.keys) if k in names}
                 tangents = local_tangents(c, names, local)
-                for t, delta in zip(tangents, d):
+                for t, delta, dim in zip(tangents, d, c.dims):
                     if delta is None:
                         continue
-                    _check_leading(c, delta, n)
-                    part = (delta * t).reshape(n, -1).sum(1)
+                    part = (delta * t).movedim(dim, 0).reshape(n, -1).sum(1)
                     dot = part if dot is None else dot + part
             g = dot.view(n // self.group_size, self.group_size).sum(1)
             est = g * g if est is None else est + g * g
         return est / self.num_probes
+
+
+_CHECKS = ("once", "always", "never")
+# ops at which an unbatched rule-op output is expanded to the batch (GradNormTape._broadcast)
+_BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
+# model -> recorded structures already checked for independence (see _check_independent)
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _example_dims(module: nn.Module, outputs: List[Tensor]) -> List[int]:
+    """The example dimension of each recorded output: 0, except for sequence-first layers."""
+    if isinstance(module, nn.RNNBase):  # output [T, N, H] unless batch_first; h_n, c_n [L, N, H]
+        return [0 if (i == 0 and module.batch_first) else 1 for i in range(len(outputs))]
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return [1 if t.dim() == 3 else 0 for t in outputs]  # attention weights are [N, T, S]
+    return [0] * len(outputs)
+
+
+def _example_view(c: _Call, delta: Tensor, dim: int, n: Optional[int]):
+    """(inputs, delta) with the example dimension first and unmerged, as the rules read them.
+
+    A position-wise op whose leading dim is k * N (examples merged with positions, example-major)
+    is viewed as [N, k, ...]; the independence check verifies that reading."""
+    if not c.position_wise or n is None or delta.shape[0] == n:
+        return c.args, delta
+    k = delta.shape[0] // n
+    x = c.args[0]
+    return ((x.reshape(n, k, *x.shape[1:]),) + tuple(c.args[1:]),
+            delta.reshape(n, k, *delta.shape[1:]))
 
 
 def _op_params(args, kwargs):
@@ -460,11 +666,15 @@ def _op_params(args, kwargs):
             yield from (b for b in a if isinstance(b, nn.Parameter))
 
 
-def _check_leading(c: _Call, delta: Tensor, n: int) -> None:
-    if delta.shape[0] != n:
-        raise ValueError(f"module '{c.path}' ({type(c.module).__name__}) produced an output with "
-                         f"leading dim {delta.shape[0]}, not the batch size {n}; keep the example "
-                         "dimension first and unmerged")
+def _check_leading(c: _Call, delta: Tensor, n: int, dim: int = 0) -> None:
+    size = delta.shape[dim] if delta.dim() > dim else None
+    if size == n or (c.position_wise and size and size % n == 0):
+        return
+    merged = " (a position-wise op may merge examples with positions, example-major)" if c.position_wise else ""
+    raise ValueError(f"{c.where} produced an output with dim {dim} of size {size}, not the batch "
+                     f"size {n}; keep the example dimension first and unmerged{merged}. A "
+                     "parameter used without an example dimension (a position table looked up "
+                     "with shape [1, T] ids) must be broadcast to the batch before its rule op.")
 
 
 def _sq_via_grads(rule: LayerRule):

@@ -20,15 +20,28 @@ class SeqPool(nn.Module):
 
 
 class Scale(nn.Module):
-    """A custom module with direct parameters and no rule: exercises the fallback."""
+    """A custom module with direct parameters: the scale goes through exp (no op rule, so the
+    fallback), the shift is an elementwise op rule."""
 
     def __init__(self, d):
         super().__init__()
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.scale = nn.Parameter(torch.linspace(-0.5, 0.5, d))
         self.shift = nn.Parameter(torch.linspace(-0.2, 0.3, d))
 
     def forward(self, x):
-        return torch.tanh(x * self.scale + self.shift)
+        return torch.tanh(x * self.scale.exp() + self.shift)
+
+
+class LayerScale(nn.Module):
+    """Elementwise scale and shift by broadcast parameters (op rules, no fallback)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.pos = nn.Parameter(torch.linspace(-0.2, 0.3, 2 * d).reshape(1, 2, d))
+
+    def forward(self, x):  # [N, 2, d]
+        return torch.tanh(self.gamma * x + self.pos)
 
 
 class TiedLM(nn.Module):
@@ -167,6 +180,8 @@ CASES = {
     "shared_pair": (SharedPair, vec()),
     "frozen": (lambda: _frozen(_seq(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), {"0.weight", "2.bias"}), vec()),
     "fallback_custom": (lambda: _seq(nn.Linear(5, 4), Scale(4), nn.Linear(4, 3)), vec()),
+    "elementwise_scale_shift": (lambda: _seq(nn.Linear(3, 4), LayerScale(4), SeqPool(), nn.Linear(4, 3)),
+                                seq(2, 3)),
     "fallback_prelu_subclass": (lambda: _seq(nn.Linear(5, 4), nn.PReLU(4), nn.Linear(4, 3)), vec()),
     "fallback_attention": (Attn, seq(3, 3)),
 }

@@ -118,7 +118,7 @@ def test_hybrid_split_is_reported_and_exact_where_nothing_is_probed():
     assert torch.allclose(got, exact(model, x, y), rtol=1e-12)
     assert set(tape.methods.values()) == {"exact"}
     _, tape = estimate(*build("fallback_custom", 4), 0)
-    assert tape.methods["1"] == "fallback"
+    assert tape.methods["1"] == "exact+fallback"  # shift: elementwise op rule; scale: fallback
 
 
 def test_errors():

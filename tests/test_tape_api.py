@@ -142,21 +142,82 @@ def test_batchnorm_switched_to_train_inside_scope_rejected():
             model(x)
 
 
-def test_mixing_custom_module_detected_by_fallback():
-    class BatchCenter(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(5))
+class _Center(nn.Module):
+    """Scale by a parameter, then subtract the batch mean (mixes examples after the parameter)."""
 
-        def forward(self, x):
-            return (x - x.mean(0)) * self.w
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 5))
 
-    model = nn.Sequential(BatchCenter(), nn.Linear(5, 3)).double()
+    def forward(self, x):
+        h = x * self.w
+        return h - h.mean(0)
+
+
+class _FunctionalBN(nn.Module):
+    """A parameter-free batch normalization inside a parent's forward, after a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return F.batch_norm(self.lin(x), None, None, training=True)
+
+
+@pytest.mark.parametrize("make, where", [
+    (_Center, r"op elementwise mul in module '0'"),
+    (_FunctionalBN, r"op F.linear in module '0.lin'"),
+])
+def test_mixing_after_a_parameter_is_refused(make, where):
+    model = nn.Sequential(make(), nn.Linear(5, 3)).double()
     x = torch.randn(4, 5, dtype=torch.double)
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(ValueError, match=r"module '0' \(BatchCenter\).*mixes examples"):
+    with pytest.raises(ValueError, match=where + r".*changes the loss of example 2"):
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(4, dtype=torch.long)))
+
+
+def test_mixing_upstream_of_every_parameter_is_exact():
+    """Centering the input before any parameter leaves l_i's dependence on theta per-example."""
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.double)
+    y = torch.tensor([0, 1, 2, 0])
+    xc = x - x.mean(0)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(xc)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, xc, y), rtol=1e-12)
+
+
+class _TokPos(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(8, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):  # [N, T]
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))  # pos: [T, 4], broadcast
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_position_table_broadcast_over_the_batch_is_exact():
+    model = _TokPos().double()
+    ids, y = torch.randint(0, 9, (3, 5)), torch.tensor([0, 1, 2])
+    with curvreg.GradNormTape(model) as tape:
+        out = model(ids)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, ids, y), rtol=1e-10)
+    # T == N: the position table's leading dim looks like the batch; the check refuses it
+    ids = torch.randint(0, 9, (5, 5))
+    with curvreg.GradNormTape(model) as tape:
+        out = model(ids)
+    with pytest.raises(ValueError, match=r"op F.embedding in module 'pos'.*not the example"):
+        tape.per_example_sq_grad_norms(ce(out, torch.zeros(5, dtype=torch.long)))
+
+
+def test_torch_compile_refused():
+    with pytest.raises(TypeError, match="torch.compile"):
+        curvreg.GradNormTape(torch.compile(nn.Linear(3, 2)))
 
 
 def test_inplace_relu_after_rule_layers_is_exact():
@@ -193,13 +254,13 @@ def test_inplace_modification_rejected():
     x = torch.randn(3, 5, dtype=torch.double)
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(RuntimeError, match=r"an input of module 'b' was modified in place.*inplace=False"):
+    with pytest.raises(RuntimeError, match=r"an input of op F.linear in module 'b' was modified in place.*inplace=False"):
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
     # A module without a rule is re-run by the fallback, so its output is checked as well.
     model = nn.Sequential(nn.Linear(5, 4), nn.PReLU(4), nn.ReLU(inplace=True), nn.Linear(4, 3)).double()
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(RuntimeError, match=r"an input or output of module '1' was modified in place"):
+    with pytest.raises(RuntimeError, match=r"an input or output of module '1' \(PReLU\) was modified in place"):
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
 
 
@@ -211,12 +272,34 @@ def test_parameter_used_outside_modules_rejected():
         tape.per_example_sq_grad_norms(ce(out, y))
 
 
-def test_merged_batch_dim_rejected():
-    model = nn.Sequential(nn.Flatten(0, 1), nn.Linear(3, 2)).double()
-    x = torch.randn(4, 2, 3, dtype=torch.double)
+class _Merge(nn.Module):
+    def __init__(self, minor):
+        super().__init__()
+        self.minor, self.lin = minor, nn.Linear(3, 2)
+
+    def forward(self, x):  # [N, 2, 3] -> [N, 4]
+        h = (x.transpose(0, 1) if self.minor else x).flatten(0, 1)  # [2N, 3]
+        h = torch.tanh(self.lin(h)).reshape(*(2, -1, 2) if self.minor else (-1, 2, 2))
+        return (h.transpose(0, 1) if self.minor else h).flatten(1)
+
+
+def test_merged_batch_dim_example_major_is_exact_example_minor_refused():
+    x, y = torch.randn(4, 2, 3, dtype=torch.double), torch.tensor([0, 1, 2, 3])
+    model = _Merge(minor=False).double()
     with curvreg.GradNormTape(model) as tape:
-        out = model(x).reshape(4, -1)
-    with pytest.raises(ValueError, match="leading dim 8, not the batch size 4"):
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, x, y), rtol=1e-12)
+    model = _Merge(minor=True).double()
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"not independent at op F.linear in module 'lin'"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+    conv = nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2),
+                         nn.Flatten(1)).double()
+    with curvreg.GradNormTape(conv) as tape:
+        out = conv(x).reshape(4, -1)
+    with pytest.raises(ValueError, match="dim 0 of size 8, not the batch size 4"):
         tape.per_example_sq_grad_norms(out.sum(1))
 
 

@@ -105,7 +105,7 @@ def test_fallback_warns_once_with_module_names():
     model, x, y = build("fallback_custom", n=3)
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.warns(curvreg.FallbackWarning, match=r"1 \(Scale\)"):
+    with pytest.warns(curvreg.FallbackWarning, match=r"module '1' \(Scale\)"):
         tape.per_example_sq_grad_norms(ce(out, y))
 
 

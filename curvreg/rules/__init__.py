@@ -1,6 +1,9 @@
-"""Layer rules: one small file per layer family, dispatched by exact module type.
+"""Layer rules: one small file per layer family.
 
 ``default_rules()`` returns a fresh ``{type: LayerRule}`` dict; nothing is registered at import.
+The tape applies these rules at the op (``curvreg.ops``): each covered op call is handed to the
+rule of its layer type through a shell module, whichever module made the call. A rule passed
+for a module type in ``GradNormTape(rules=...)`` is applied to that module's calls instead.
 """
 from __future__ import annotations
 
@@ -8,19 +11,22 @@ from typing import Dict, Mapping, Optional
 
 from torch import nn
 
+from ..ops import ElementwiseAffine
+
 from ._base import LayerRule, fold_groups, sq_from_grads, sum_groups
 from .conv import CONV_RULE
+from .elementwise import ELEMENTWISE_RULE
 from .embedding import EMBEDDING_RULE
 from .fallback import fallback_grads
 from .linear import LINEAR_RULE
-from .norm import BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE
+from .norm import BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE, RMS_NORM_RULE
 
 __all__ = ["LayerRule", "default_rules", "merge_rules", "fallback_grads", "fold_groups",
            "sum_groups", "sq_from_grads"]
 
 
 def default_rules() -> Dict[type, LayerRule]:
-    """The built-in ``{module type: rule}`` mapping (exact types; subclasses use the fallback)."""
+    """The built-in ``{layer type: rule}`` mapping, keyed by the shell types of ``curvreg.ops``."""
     norm_eval = {t: BATCH_NORM_EVAL_RULE for t in (
         nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)}
@@ -30,6 +36,8 @@ def default_rules() -> Dict[type, LayerRule]:
         nn.Embedding: EMBEDDING_RULE,
         nn.LayerNorm: LAYER_NORM_RULE,
         nn.GroupNorm: GROUP_NORM_RULE,
+        nn.RMSNorm: RMS_NORM_RULE,
+        ElementwiseAffine: ELEMENTWISE_RULE,
         **norm_eval,
     }
 

@@ -59,3 +59,13 @@ def batch_norm_eval_grads(layer: nn.modules.batchnorm._NormBase, inputs, grad_ou
 LAYER_NORM_RULE = LayerRule(grads=layer_norm_grads)
 GROUP_NORM_RULE = LayerRule(grads=group_norm_grads)
 BATCH_NORM_EVAL_RULE = LayerRule(grads=batch_norm_eval_grads)
+
+
+def rms_norm_grads(layer: nn.RMSNorm, inputs, grad_output, names, group):
+    x = inputs[0]
+    xhat = F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
+    lead = tuple(range(1, x.dim() - len(layer.normalized_shape)))
+    return _affine_grads(xhat, grad_output, names, group, lead, tuple(layer.normalized_shape))
+
+
+RMS_NORM_RULE = LayerRule(grads=rms_norm_grads)

@@ -1,0 +1,281 @@
+"""Op-level recognition: which torch calls of a forward an exact rule covers, whatever module
+(or no module) makes them.
+
+``match(func, args, kwargs, params)`` looks at one call seen by the tape's TorchFunctionMode. When
+the call is a parameter-consuming op with a rule (F.linear, F.conv1d/2d/3d, F.embedding,
+F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.batch_norm with running statistics,
+or an elementwise scale/shift ``x * p`` / ``x + p`` by a broadcast parameter) it returns an
+``OpUse``: a *shell*, a parameter-less stand-in module of the layer type whose rule applies
+(an ``nn.Linear`` holding the op's weight and bias, an ``nn.Conv2d`` with the op's stride and
+padding, ...), the op's data input, and the names of the trainable parameters the op consumed.
+The tape then treats the call like a call of that layer, so a subclass, a custom module built
+from these ops, or a parent using a child's weight all get the exact rule.
+
+Position-wise ops (linear, layer/RMS norm, embedding, elementwise scale/shift) also accept a
+leading dimension that merges the examples with positions, example-major (``x.view(-1, d)`` of
+``[N, T, d]``, window attention's ``[N * W, ...]``): the tape views it as ``[N, rest]``. Whether
+that reading is right is not assumed: the tape's independence check verifies it.
+
+``NO_DOUBLE_BACKWARD`` lists ops whose derivative PyTorch cannot differentiate again, with the
+replacement to use, so the tape can refuse them at the forward instead of autograd failing
+inside ``backward()``.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POSITION_WISE = "position-wise"  # leading dim may be N * k, example-major
+
+
+class OpUse(NamedTuple):
+    """One op call an exact rule covers."""
+
+    op: str                 # name for messages and ``tape.methods``, e.g. "F.linear"
+    shell: nn.Module        # stand-in layer: its type selects the rule, its attributes the op's
+    inputs: tuple           # the op's data input(s), as a module call's positional args
+    names: Tuple[str, ...]  # trainable parameters consumed, as named on the shell
+    position_wise: bool     # leading dim may merge examples with positions
+
+
+def _shell(cls, params: Dict[str, Optional[Tensor]], **attrs) -> nn.Module:
+    """An instance of layer type ``cls`` holding ``params`` and ``attrs``, without its __init__."""
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    for k, v in params.items():
+        if isinstance(v, nn.Parameter):
+            m._parameters[k] = v
+        else:
+            object.__setattr__(m, k, v)
+    for k, v in attrs.items():
+        object.__setattr__(m, k, v)
+    m.training = False
+    return m
+
+
+def _arg(args, kwargs, i, name, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _tracked(t, params) -> bool:
+    return isinstance(t, nn.Parameter) and id(t) in params
+
+
+def _names(candidates: Dict[str, object], params) -> Tuple[str, ...]:
+    return tuple(k for k, v in candidates.items() if _tracked(v, params))
+
+
+def _data(x, params) -> bool:
+    """A data input: a tensor that is not itself a trainable parameter of the model."""
+    return isinstance(x, Tensor) and not _tracked(x, params)
+
+
+def _linear(args, kwargs, params):
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    names = _names({"weight": w, "bias": b}, params)
+    if not names or not _data(x, params) or not isinstance(w, Tensor) or w.dim() != 2 or x.dim() < 1:
+        return None
+    shell = _shell(nn.Linear, {"weight": w, "bias": b}, in_features=w.shape[1], out_features=w.shape[0])
+    return OpUse("F.linear", shell, (x,), names, True)
+
+
+def _ntuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+_CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _conv(nd):
+    def match(args, kwargs, params):
+        x, w, b = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"),
+                   _arg(args, kwargs, 2, "bias"))
+        names = _names({"weight": w, "bias": b}, params)
+        if not names or not _data(x, params) or not isinstance(w, Tensor) or x.dim() != nd + 2:
+            return None
+        stride = _ntuple(_arg(args, kwargs, 3, "stride", 1), nd)
+        padding = _arg(args, kwargs, 4, "padding", 0)
+        padding = padding if isinstance(padding, str) else _ntuple(padding, nd)
+        dilation = _ntuple(_arg(args, kwargs, 5, "dilation", 1), nd)
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        shell = _shell(_CONV_TYPES[nd], {"weight": w, "bias": b},
+                       in_channels=w.shape[1] * groups, out_channels=w.shape[0],
+                       kernel_size=tuple(w.shape[2:]), stride=stride, padding=padding,
+                       dilation=dilation, groups=groups, padding_mode="zeros", transposed=False,
+                       output_padding=(0,) * nd)
+        return OpUse(f"F.conv{nd}d", shell, (x,), names, False)
+    return match
+
+
+def _embedding(args, kwargs, params):
+    idx, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    if not _tracked(w, params) or not isinstance(idx, Tensor) or idx.is_floating_point():
+        return None
+    pad = _arg(args, kwargs, 2, "padding_idx")
+    if pad is not None and pad < 0:
+        pad += w.shape[0]
+    shell = _shell(nn.Embedding, {"weight": w}, num_embeddings=w.shape[0], embedding_dim=w.shape[1],
+                   padding_idx=pad, scale_grad_by_freq=bool(_arg(args, kwargs, 5, "scale_grad_by_freq", False)),
+                   max_norm=None, norm_type=2.0, sparse=False)
+    return OpUse("F.embedding", shell, (idx,), ("weight",), True)
+
+
+def _layer_norm(args, kwargs, params):
+    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    names = _names({"weight": w, "bias": b}, params)
+    if not names or not _data(x, params):
+        return None
+    shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+    shell = _shell(nn.LayerNorm, {"weight": w, "bias": b}, normalized_shape=shape,
+                   eps=_arg(args, kwargs, 4, "eps", 1e-5), elementwise_affine=True)
+    return OpUse("F.layer_norm", shell, (x,), names, x.dim() > len(shape) + 1)
+
+
+def _rms_norm(args, kwargs, params):
+    x, shape, w = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape"),
+                   _arg(args, kwargs, 2, "weight"))
+    if not _tracked(w, params) or not _data(x, params):
+        return None
+    shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+    shell = _shell(nn.RMSNorm, {"weight": w}, normalized_shape=shape,
+                   eps=_arg(args, kwargs, 3, "eps"), elementwise_affine=True)
+    return OpUse("F.rms_norm", shell, (x,), ("weight",), x.dim() > len(shape) + 1)
+
+
+def _group_norm(args, kwargs, params):
+    x, groups = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "num_groups")
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    names = _names({"weight": w, "bias": b}, params)
+    if not names or not _data(x, params) or x.dim() < 2:
+        return None
+    shell = _shell(nn.GroupNorm, {"weight": w, "bias": b}, num_groups=groups,
+                   num_channels=x.shape[1], eps=_arg(args, kwargs, 4, "eps", 1e-5), affine=True)
+    return OpUse("F.group_norm", shell, (x,), names, False)
+
+
+_BN_TYPES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_IN_TYPES = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
+
+
+class BatchStatistics(ValueError):
+    """F.batch_norm normalizes a batch with its own statistics (examples mix)."""
+
+
+def _batch_norm(args, kwargs, params):
+    x, mean, var = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "running_mean"),
+                    _arg(args, kwargs, 2, "running_var"))
+    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    names = _names({"weight": w, "bias": b}, params)
+    if not names or not _data(x, params) or x.dim() not in _BN_TYPES:
+        return None
+    if _arg(args, kwargs, 5, "training", False) or mean is None or var is None:
+        raise BatchStatistics("F.batch_norm")
+    shell = _shell(_BN_TYPES[x.dim()], {"weight": w, "bias": b}, num_features=x.shape[1],
+                   eps=_arg(args, kwargs, 7, "eps", 1e-5), affine=True, track_running_stats=True)
+    shell._buffers.update(running_mean=mean, running_var=var)
+    return OpUse("F.batch_norm", shell, (x,), names, False)
+
+
+def _instance_norm(args, kwargs, params):
+    x, mean, var = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "running_mean"),
+                    _arg(args, kwargs, 2, "running_var"))
+    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    names = _names({"weight": w, "bias": b}, params)
+    if not names or not _data(x, params) or x.dim() not in _IN_TYPES:
+        return None
+    stats = _arg(args, kwargs, 5, "use_input_stats", True)
+    shell = _shell(_IN_TYPES[x.dim()], {"weight": w, "bias": b}, num_features=x.shape[1],
+                   eps=_arg(args, kwargs, 7, "eps", 1e-5), affine=True,
+                   track_running_stats=mean is not None)
+    shell._buffers.update(running_mean=None if stats else mean, running_var=None if stats else var)
+    return OpUse("F.instance_norm", shell, (x,), names, False)
+
+
+class ElementwiseAffine(nn.Module):
+    """Shell for ``x * p`` (``kind="mul"``) or ``x + p`` (``kind="add"``) with a parameter p
+    broadcast against the data x over the example dimension: the layer-scale parameters of
+    ConvNeXt/CaiT blocks, additive position embeddings, per-channel shifts.
+
+    Example i's gradient is the broadcast reduction of delta_i * x_i (``mul``) or delta_i
+    (``add``) to p's shape; both are materialized (p-sized per example).
+    """
+
+    def __init__(self, kind: str, param: Tensor, other_shape: torch.Size):
+        super().__init__()
+        self.kind, self.other_shape = kind, other_shape
+        self.weight = param
+
+    def forward(self, x):
+        return x * self.weight if self.kind == "mul" else x + self.weight
+
+
+_MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+_ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
+
+
+def _broadcast_ok(p: Tensor, x: Tensor) -> bool:
+    """p broadcasts against x without covering x's leading (example) dim, and adds no dims."""
+    if p.dim() > x.dim() or x.dim() == 0:
+        return False
+    if p.dim() == x.dim() and p.shape[0] != 1:
+        return False
+    try:
+        return torch.broadcast_shapes(p.shape, x.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
+def _elementwise(kind):
+    def match(args, kwargs, params):
+        if len(args) != 2 or (kind == "add" and kwargs.get("alpha", 1) != 1) or (kwargs and kind == "mul"):
+            return None
+        a, b = args
+        if _tracked(a, params) and _data(b, params):
+            p, x = a, b
+        elif _tracked(b, params) and _data(a, params):
+            p, x = b, a
+        else:
+            return None
+        if not _broadcast_ok(p, x) or not x.is_floating_point():
+            return None
+        shell = ElementwiseAffine(kind, p, x.shape)
+        return OpUse(f"elementwise {kind}", shell, (x,), ("weight",), True)
+    return match
+
+
+MATCHERS = {
+    F.linear: _linear,
+    F.conv1d: _conv(1), F.conv2d: _conv(2), F.conv3d: _conv(3),
+    F.embedding: _embedding,
+    F.layer_norm: _layer_norm,
+    F.rms_norm: _rms_norm,
+    F.group_norm: _group_norm,
+    F.batch_norm: _batch_norm,
+    F.instance_norm: _instance_norm,
+    **{f: _elementwise("mul") for f in _MUL},
+    **{f: _elementwise("add") for f in _ADD},
+}
+
+
+def match(func, args, kwargs, params) -> Optional[OpUse]:
+    """The ``OpUse`` for this call, or None when no op rule covers it."""
+    m = MATCHERS.get(func)
+    return m(args, kwargs or {}, params) if m is not None else None
+
+
+# op -> what to use instead. PyTorch has no derivative for these ops' backward, so a penalty
+# on per-example gradients through them cannot be differentiated.
+NO_DOUBLE_BACKWARD = {
+    F.hardsigmoid: ("F.hardsigmoid / nn.Hardsigmoid",
+                    "a piecewise-linear module written with clamp, e.g. (x + 3).clamp(0, 6) / 6"),
+    F.embedding_bag: ("F.embedding_bag / nn.EmbeddingBag",
+                      "nn.Embedding followed by a sum or mean over the bag"),
+    torch.cdist: ("torch.cdist",
+                  "an explicit distance, e.g. (a.unsqueeze(-2) - b.unsqueeze(-3)).norm(dim=-1)"),
+}

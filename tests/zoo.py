@@ -1,0 +1,160 @@
+"""Real architectures from torchvision, timm and Hugging Face transformers, built small in their
+default configurations (default attention implementation, default position ids), as
+``name -> (builder, input maker)``. Every builder returns a module mapping its input to [N, C]
+logits; models are used in eval mode (dropout and batch statistics off)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Logits(nn.Module):
+    """A Hugging Face model whose output's ``logits`` field is the result."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def images(c=3, s=32):
+    return lambda n: torch.randn(n, c, s, s)
+
+
+def ids(vocab=40, t=6):
+    return lambda n: torch.randint(1, vocab, (n, t))
+
+
+def _tv(name, **kw):
+    def build():
+        import torchvision.models as m
+        return getattr(m, name)(num_classes=3, **kw)
+    return build
+
+
+def _tv_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+    return VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                             mlp_dim=16, num_classes=3)
+
+
+def _tv_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                           window_size=[2, 2], num_classes=3)
+
+
+def _tv_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
+
+
+def _timm_bit():
+    from functools import partial
+
+    from timm.layers import GroupNormAct
+    from timm.models.resnetv2 import ResNetV2
+    return ResNetV2(layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), stem_chs=8, num_classes=3,
+                    norm_layer=partial(GroupNormAct, num_groups=4))
+
+
+def _timm_nf():
+    """Weight-standardized convolutions (NF-net and BiT style) with an activation in between."""
+    from timm.layers import ScaledStdConv2d, StdConv2d
+    return nn.Sequential(StdConv2d(3, 4, 3, stride=2), nn.GELU(), ScaledStdConv2d(4, 4, 3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def _timm_mixer():
+    from timm.models.mlp_mixer import MlpMixer
+    return MlpMixer(num_classes=3, img_size=16, patch_size=8, num_blocks=1, embed_dim=8)
+
+
+def _timm(name, **kw):
+    def build():
+        import timm
+        return timm.create_model(name, pretrained=False, num_classes=3, **kw)
+    return build
+
+
+def _hf(config_name, model_name, **kw):
+    def build():
+        import transformers
+        cfg = getattr(transformers, config_name)(num_labels=3, **kw)
+        return Logits(getattr(transformers, model_name)(cfg))
+    return build
+
+
+_BERT = dict(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+             intermediate_size=16, max_position_embeddings=16)
+_TIMM_VIT = dict(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2)
+
+ZOO = {
+    # torchvision
+    "tv_resnet18": (_tv("resnet18"), images(s=16)),
+    "tv_mobilenet_v3_small": (_tv("mobilenet_v3_small"), images(s=16)),
+    "tv_mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.25), images(s=16)),
+    "tv_convnext": (lambda: _tv_convnext(), images(s=32)),
+    "tv_vit": (_tv_vit, images(s=16)),
+    "tv_swin": (_tv_swin, images(s=16)),
+    "tv_shufflenet": (_tv("shufflenet_v2_x0_5"), images(s=16)),
+    # timm
+    "timm_resnet18": (_timm("resnet18"), images(s=16)),
+    "timm_resnetv2_bit": (lambda: _timm_bit(), images(s=16)),
+    "timm_scaled_std_conv": (lambda: _timm_nf(), images(s=16)),
+    "timm_convnext": (_timm("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)), images(s=32)),
+    "timm_vit": (_timm("vit_tiny_patch16_224", **_TIMM_VIT), images(s=16)),
+    "timm_deit": (_timm("deit_tiny_patch16_224", **_TIMM_VIT), images(s=16)),
+    "timm_mixer": (lambda: _timm_mixer(), images(s=16)),
+    "timm_swin": (_timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=4, embed_dim=8,
+                        depths=(1, 1), num_heads=(1, 2), window_size=2), images(s=16)),
+    "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),
+    "timm_regnet": (_timm("regnetx_002"), images(s=16)),
+    # Hugging Face transformers
+    "hf_bert": (_hf("BertConfig", "BertForSequenceClassification", **_BERT), ids()),
+    "hf_distilbert": (_hf("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=40,
+                          dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=16),
+                      ids()),
+    "hf_gpt2": (_hf("GPT2Config", "GPT2ForSequenceClassification", vocab_size=40, n_embd=8,
+                    n_layer=1, n_head=2, n_positions=16, pad_token_id=0), ids()),
+    "hf_llama": (_hf("LlamaConfig", "LlamaForSequenceClassification", vocab_size=40, hidden_size=8,
+                     intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=16, pad_token_id=0), ids()),
+    "hf_roberta": (_hf("RobertaConfig", "RobertaForSequenceClassification", pad_token_id=0,
+                       **{**_BERT, "max_position_embeddings": 20}), ids()),
+    "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8,
+                   hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=16), images(s=16)),
+    # torch.nn
+    "nn_transformer_encoder": (lambda: nn.Sequential(
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1),
+        nn.Flatten(), nn.Linear(48, 3)), lambda n: torch.randn(n, 6, 8)),
+    "nn_lstm": (lambda: LSTMHead(), lambda n: torch.randn(n, 5, 4)),
+}
+
+
+class LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 6, batch_first=True)
+        self.gru = nn.GRU(6, 5)  # sequence-first
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        h, _ = self.gru(h.transpose(0, 1))
+        return self.head(h[-1])
+
+
+def build(name: str, n: int, seed: int = 0):
+    """Model (float64, eval mode), inputs and targets for zoo entry ``name``."""
+    torch.manual_seed(seed)
+    make_model, make_input = ZOO[name]
+    model = make_model().double().eval()
+    x = make_input(n)
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        classes = model(x).shape[1]
+    return model, x, torch.randint(0, classes, (n,))
