@@ -8,8 +8,10 @@ With ``group_size = m`` the N examples form N/m disjoint groups of m consecutive
     sq_k = || d/dtheta mean_{i in group k} l_i ||^2,
 so m = 1 is the per-example penalty of Geng et al. and m = N the squared full-batch gradient norm.
 
-How: during the forward the tape records, for each module call that uses a trainable parameter,
-its inputs and output y. Afterwards one ``autograd.grad`` of sum_i l_i gives delta = dL/dy for
+How: during the forward the tape records, for each op call that uses a trainable parameter and
+that a rule covers (``curvreg.ops``: F.linear, convolutions, embedding, norms, elementwise
+scale/shift), its inputs and output y, whatever module makes the call; other parameter uses are
+recorded per module call and take the exact per-example loop (``curvreg.rules.fallback``). Afterwards one ``autograd.grad`` of sum_i l_i gives delta = dL/dy for
 all recorded outputs; slice i of delta is d l_i / d y_i because examples do not interact. Each
 layer rule turns (inputs, delta) into sum_p ||g_i(p)||^2, e.g. ||delta_i||^2 ||x_i||^2 for a
 linear layer (the "ghost norm"), without forming g_i. Every op is differentiable, so
@@ -162,9 +164,10 @@ class GradNormTape:
 
     Args:
         model: any ``nn.Module``; examples must be independent along dim 0 of every recorded
-            module input and output.
-        rules: extra ``{module type: LayerRule}`` entries, looked up by exact type. Modules with
-            parameters and no rule use the exact ``torch.func`` fallback (with a warning).
+            output (checked: ``check_independence``).
+        rules: extra ``{module type: LayerRule}`` entries, applied to every call of that exact
+            module type (the ops inside are then not recorded separately). Parameter uses no
+            rule covers take the exact per-example loop fallback (with a warning).
         allow_override: let ``rules`` replace a built-in rule.
         group_size: m; see the module docstring. Must divide the batch size.
         estimator: ``"exact"`` (default): the exact values. ``"probe"``: an unbiased,
@@ -176,6 +179,9 @@ class GradNormTape:
         num_probes: K >= 1 probes averaged by the probe estimators.
         generator: ``torch.Generator`` for the probes (reproducible estimates).
         distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"`` probes.
+        fuse_linear: ``curvreg.fused`` policy: ``"auto"`` (by layer size), True, False.
+        check_independence: ``"once"`` (default: once per model and recorded structure),
+            ``"always"`` or ``"never"``; see ``_check_independent``.
 
     The tape registers hooks only inside ``with``; they are removed on exit, even after an
     exception. It stores nothing on modules or parameters and never changes train/eval mode.

@@ -11,8 +11,7 @@ CASES = ["mlp", "mlp_gelu_nobias", "recurrent", "shared_pair", "frozen", "fallba
 
 
 def objective(model, x, y, fuse, alpha=0.37):
-    with curvreg.GradNormTape(model) as tape:
-        tape.fuse_linear = fuse  # True forces fusing at these tiny sizes
+    with curvreg.GradNormTape(model, fuse_linear=fuse) as tape:  # True forces fusing at these tiny sizes
         out = model(x)
     losses = ce(out, y)
     sq = tape.per_example_sq_grad_norms(losses)
@@ -62,8 +61,7 @@ def test_partial_and_repeated_backward_do_not_reuse_stashes():
     grads = []
     for fuse in (True, False):
         model.zero_grad(set_to_none=True)
-        with curvreg.GradNormTape(model) as tape:
-            tape.fuse_linear = fuse  # True forces fusing at these tiny sizes
+        with curvreg.GradNormTape(model, fuse_linear=fuse) as tape:  # True: fuse at tiny sizes
             logits = model(x)
         losses = ce(logits, y)
         obj = losses.mean() + 0.37 * tape.per_example_sq_grad_norms(losses).mean()
@@ -84,13 +82,11 @@ def test_partial_and_repeated_backward_do_not_reuse_stashes():
 
 def test_not_fused_for_sequences_or_detached_values():
     model, x, y = build("linear_seq_gram", n=3)
-    with curvreg.GradNormTape(model) as tape:
-        tape.fuse_linear = True
+    with curvreg.GradNormTape(model, fuse_linear=True) as tape:
         model(x)
     assert len(tape._holders) == 1  # only the final Linear sees a 2-D input
     model, x, y = build("mlp", n=3)
-    with curvreg.GradNormTape(model) as tape:
-        tape.fuse_linear = True
+    with curvreg.GradNormTape(model, fuse_linear=True) as tape:
         out = model(x)
     sq = tape.per_example_sq_grad_norms(ce(out, y), create_graph=False)
     assert not sq.requires_grad and len(tape._holders) == 2

@@ -69,11 +69,13 @@ def test_batch_of_one(case):
     assert rel_err(tape_sq(model, x, y), loop_sq_grad_norms(model, ce, x, y)) < 1e-9
 
 
-def test_create_graph_false_is_detached_and_equal():
-    model, x, y = build("conv2d_stride_pad", n=4)
+@pytest.mark.parametrize("case", ["conv2d_stride_pad", "fallback_custom", "fallback_attention"])
+def test_create_graph_false_is_detached_and_equal(case):
+    model, x, y = build(case, n=4)
     a = tape_sq(model, x, y, create_graph=False)
     assert not a.requires_grad
     assert torch.allclose(a, tape_sq(model, x, y).detach(), rtol=1e-12)
+    assert torch.allclose(a, loop_sq_grad_norms(model, ce, x, y), rtol=1e-10)
 
 
 @pytest.mark.parametrize("case", ["mlp", "conv2d_stride_pad"])
