@@ -28,9 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-POSITION_WISE = "position-wise"  # leading dim may be N * k, example-major
-
-
 class OpUse(NamedTuple):
     """One op call an exact rule covers."""
 
@@ -167,13 +164,23 @@ class BatchStatistics(ValueError):
     """F.batch_norm normalizes a batch with its own statistics (examples mix)."""
 
 
-def _batch_norm(args, kwargs, params):
+def _stats_norm_args(args, kwargs, params, types):
+    """(x, running_mean, running_var, weight, bias, names) of F.batch_norm / F.instance_norm,
+    which share their leading arguments; None when no rule applies."""
     x, mean, var = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "running_mean"),
                     _arg(args, kwargs, 2, "running_var"))
     w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
     names = _names({"weight": w, "bias": b}, params)
-    if not names or not _data(x, params) or x.dim() not in _BN_TYPES:
+    if not names or not _data(x, params) or x.dim() not in types:
         return None
+    return x, mean, var, w, b, names
+
+
+def _batch_norm(args, kwargs, params):
+    parsed = _stats_norm_args(args, kwargs, params, _BN_TYPES)
+    if parsed is None:
+        return None
+    x, mean, var, w, b, names = parsed
     if _arg(args, kwargs, 5, "training", False) or mean is None or var is None:
         raise BatchStatistics("F.batch_norm")
     shell = _shell(_BN_TYPES[x.dim()], {"weight": w, "bias": b}, num_features=x.shape[1],
@@ -183,12 +190,10 @@ def _batch_norm(args, kwargs, params):
 
 
 def _instance_norm(args, kwargs, params):
-    x, mean, var = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "running_mean"),
-                    _arg(args, kwargs, 2, "running_var"))
-    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-    names = _names({"weight": w, "bias": b}, params)
-    if not names or not _data(x, params) or x.dim() not in _IN_TYPES:
+    parsed = _stats_norm_args(args, kwargs, params, _IN_TYPES)
+    if parsed is None:
         return None
+    x, mean, var, w, b, names = parsed
     stats = _arg(args, kwargs, 5, "use_input_stats", True)
     shell = _shell(_IN_TYPES[x.dim()], {"weight": w, "bias": b}, num_features=x.shape[1],
                    eps=_arg(args, kwargs, 7, "eps", 1e-5), affine=True,

@@ -39,6 +39,7 @@ prints the measured noise beside the dense probes'.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -49,7 +50,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
 from .ops import ElementwiseAffine
-from .rules.fallback import _children_see_constants
 
 ESTIMATORS = ("exact", "probe", "hybrid")
 DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
@@ -172,3 +172,41 @@ def _kron_conv_tangent(module: nn.modules.conv._ConvNd, x: Tensor, vs: Dict[str,
         z = z.repeat_interleave(module.out_channels // g, dim=1)
     t = z * w.a.view(1, -1, *[1] * len(spatial))
     return t + vs["bias"].view(1, -1, *[1] * len(spatial)) if "bias" in vs else t
+
+
+@contextmanager
+def _children_see_constants(module: nn.Module, names: Sequence[str]):
+    """While re-running ``module`` under ``torch.func`` for its generic tangent, let each child
+    that owns a differentiated parameter see the parameter's constant value inside its own
+    forward.
+
+    Only the uses of a parameter made by ``module`` itself are differentiated (e.g. a tied
+    embedding matrix reused in the parent's own op); the child's own use is counted for the
+    child, so it must not be counted twice.
+    """
+    owners = {}
+    for name in names:
+        if "." in name:
+            path, leaf = name.rsplit(".", 1)
+            owners.setdefault(path, []).append(leaf)
+    handles, saved = [], []
+    originals = {path: {k: module.get_submodule(path)._parameters[k] for k in leaves}
+                 for path, leaves in owners.items()}
+
+    def pre(child, _args, leaves, path):
+        saved.append({k: child._parameters[k] for k in leaves})
+        child._parameters.update(originals[path])  # constant for the jvp, live for autograd
+
+    def post(child, _args, _out):
+        child._parameters.update(saved.pop())
+
+    try:
+        for path, leaves in owners.items():
+            child = module.get_submodule(path)
+            handles.append(child.register_forward_pre_hook(
+                lambda c, a, lv=leaves, p=path: pre(c, a, lv, p)))
+            handles.append(child.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

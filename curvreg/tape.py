@@ -20,10 +20,10 @@ linear layer (the "ghost norm"), without forming g_i. Every op is differentiable
 from __future__ import annotations
 
 import warnings
-from collections import Counter
-from typing import Dict, List, Mapping, Optional
-
 import weakref
+from collections import Counter
+from contextlib import contextmanager
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -366,7 +366,7 @@ class GradNormTape:
             except ops.BatchStatistics as e:
                 raise ValueError(_mixing_message(
                     self._where(), str(e), "normalizes with the statistics of the batch")) from None
-        if use is not None:
+        if use is not None:  # an op rule covers these parameters (see also _covered)
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
                 names = {k: id(use.shell._parameters[k]) for k in use.names}
                 call = _Call(use.shell, self._where(), use.inputs, None, out, names,
@@ -422,14 +422,9 @@ class GradNormTape:
         if not outs:
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
-        for h in self._holders:
-            h.delta_pass = True
-        try:
+        with self._delta_pass():
             deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
                                               create_graph=create_graph, allow_unused=True))
-        finally:
-            for h in self._holders:
-                h.delta_pass = False
         origin_deltas = deltas[len(deltas) - len(expanded):] if expanded else []
         del deltas[len(deltas) - len(expanded):]
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
@@ -463,6 +458,17 @@ class GradNormTape:
             total = self._accumulate(live, n)
         return total / (m * m)
 
+    @contextmanager
+    def _delta_pass(self):
+        """A backward for output gradients only: the fused layers skip their weight products."""
+        for h in self._holders:
+            h.delta_pass = True
+        try:
+            yield
+        finally:
+            for h in self._holders:
+                h.delta_pass = False
+
     def _check_independent(self, losses: Tensor, live, n: int) -> None:
         """Refuse if example j's loss depends on another example's row of a recorded output.
 
@@ -482,14 +488,9 @@ class GradNormTape:
         j = n // 2
         targets = [(c, e, dim) for c, d in live for e, delta, dim in zip(c.edges, d, c.dims)
                    if delta is not None]
-        for h in self._holders:
-            h.delta_pass = True
-        try:
+        with self._delta_pass():
             grads = torch.autograd.grad(losses[j], [e for _, e, _ in targets], retain_graph=True,
                                         allow_unused=True)
-        finally:
-            for h in self._holders:
-                h.delta_pass = False
         for (c, _, dim), g in zip(targets, grads):
             if g is None:
                 continue
@@ -576,7 +577,7 @@ class GradNormTape:
             multi = [k for k, key in zip(names, keys) if owners[key] > 1]
             rule = self._rule(c)
             if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
-                args, delta = _example_view(c, d[0], 0, n)
+                args, delta = _example_view(c, d[0], n)
                 if single:
                     sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, m)
                     total = sq if total is None else total + sq
@@ -650,7 +651,7 @@ def _example_dims(module: nn.Module, outputs: List[Tensor]) -> List[int]:
     return [0] * len(outputs)
 
 
-def _example_view(c: _Call, delta: Tensor, dim: int, n: Optional[int]):
+def _example_view(c: _Call, delta: Tensor, n: Optional[int]):
     """(inputs, delta) with the example dimension first and unmerged, as the rules read them.
 
     A position-wise op whose leading dim is k * N (examples merged with positions, example-major)
