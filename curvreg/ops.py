@@ -220,6 +220,21 @@ class ElementwiseAffine(nn.Module):
         return x * self.weight if self.kind == "mul" else x + self.weight
 
 
+class NormalizedAffine(nn.Module):
+    """Shell for the affine step ``xhat * w + b`` of a BatchNorm that normalizes with its batch
+    statistics (``GradNormTape(batch_norm=...)``), its input ``xhat`` already normalized.
+    ``w`` and ``b`` are per channel (dim 1); either may be None."""
+
+    def __init__(self, weight: Optional[Tensor], bias: Optional[Tensor]):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, xhat):
+        shape = (1, -1) + (1,) * (xhat.dim() - 2)
+        y = xhat if self.weight is None else xhat * self.weight.view(shape)
+        return y if self.bias is None else y + self.bias.view(shape)
+
+
 _MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
 _ADD = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
 

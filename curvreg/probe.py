@@ -49,7 +49,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
-from .ops import ElementwiseAffine
+from .ops import ElementwiseAffine, NormalizedAffine
 
 ESTIMATORS = ("exact", "probe", "hybrid")
 DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
@@ -57,7 +57,7 @@ DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
 # Layers that ``hybrid`` keeps exact: their ghost norm costs about as little as a probe.
 HYBRID_EXACT = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d,
                 nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                nn.InstanceNorm3d, ElementwiseAffine)
+                nn.InstanceNorm3d, ElementwiseAffine, NormalizedAffine)
 # Layer types whose output is linear in (all of) their parameters, given the inputs.
 LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + HYBRID_EXACT
 
@@ -150,6 +150,10 @@ def _linear_tangent(module: nn.Module, args: tuple, kwargs: dict, vs: Dict[str, 
     if isinstance(module, ElementwiseAffine):
         v = vs["weight"]
         return args[0] * v if module.kind == "mul" else v.expand(args[0].shape)
+    if isinstance(module, NormalizedAffine):  # its weight may be a constant, not a parameter
+        xhat, shape = args[0], (1, -1) + (1,) * (args[0].dim() - 2)
+        t = xhat * vs["weight"].view(shape) if "weight" in vs else torch.zeros_like(xhat)
+        return t + vs["bias"].view(shape) if "bias" in vs else t
     params = {k: (vs[k] if k in vs else torch.zeros_like(p))
               for k, p in module._parameters.items() if p is not None}
     return functional_call(module, params, args, kwargs)

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import fused, ops
+from . import batchnorm, fused, ops
 from .probe import LINEAR_IN_PARAMS, check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
@@ -112,6 +112,13 @@ class _UsageMode(TorchFunctionMode):
             raise ValueError(f"{refused[0]} in module '{tape._where()}' has no second derivative "
                              "in PyTorch, so a penalty on gradients through it cannot be trained. "
                              f"Use {refused[1]} instead.")
+        if func is F.batch_norm and batchnorm.uses_batch_stats(args, kwargs):
+            if tape.batch_norm:
+                return tape._batch_stats_norm(args, kwargs)
+            if any(isinstance(t, Tensor) and t.requires_grad for t in _flat((args, kwargs))):
+                raise ValueError(_mixing_message(
+                    tape._where(), "F.batch_norm", "normalizes with the statistics of the batch, so "
+                    "each loss depends on the other examples"))
         if func in _BROADCASTING and tape._unbatched and len(args) == 2:
             args = tape._broadcast(args)
         if (func is F.linear and fused.can_fuse(args, kwargs, tape._params, tape.fuse_linear)):
@@ -142,13 +149,21 @@ def _path(paths: Dict[int, str], module: nn.Module) -> str:
     return paths.get(id(module)) or "<root>"
 
 
-def _mixing_reason(module: nn.Module) -> Optional[str]:
-    """Why ``module`` mixes examples in its current mode, or None."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.training:
-            return "is a BatchNorm in training mode, whose batch statistics mix examples"
-        if module.running_mean is None:
-            return "is a BatchNorm without running statistics, which mixes examples even in eval"
+def _mixing_reason(module: nn.Module, batch_norm: Optional[str]) -> Optional[str]:
+    """Why the tape cannot take ``module`` in its current mode, or None."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None
+    batch_stats = module.training or module.running_mean is None
+    if (batch_stats and batch_norm and isinstance(module, nn.SyncBatchNorm)
+            and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return ("is a SyncBatchNorm in training mode across processes; the tape's batch-statistics "
+                "semantics cover one process's batch. Convert it to BatchNorm per rank (statistics "
+                "of the local batch) or put it in eval mode")
+    if batch_stats and not batch_norm:
+        state = "in training mode" if module.training else "without running statistics"
+        return (f"is a BatchNorm {state}: each loss depends on the other examples through the "
+                "batch statistics, so per-example gradients are not separable")
     return None
 
 
@@ -191,7 +206,7 @@ class GradNormTape:
                  allow_override: bool = False, group_size: int = 1, estimator: str = "exact",
                  num_probes: int = 1, generator: Optional[torch.Generator] = None,
                  distribution: str = "rademacher", fuse_linear="auto",
-                 check_independence: str = "once"):
+                 check_independence: str = "once", batch_norm: Optional[str] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTape needs an nn.Module, got {type(model).__name__}")
         if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
@@ -206,6 +221,10 @@ class GradNormTape:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
         check_options(estimator, num_probes, distribution)
+        if batch_norm is not None and batch_norm not in batchnorm.MODES:
+            raise ValueError(f"batch_norm must be None or one of {batchnorm.MODES}, got {batch_norm!r}")
+        self.batch_norm = batch_norm
+        self._switch = batchnorm.Switch()
         self.model, self.group_size = model, group_size
         self.estimator, self.num_probes = estimator, num_probes
         self.generator, self.distribution = generator, distribution
@@ -229,6 +248,9 @@ class GradNormTape:
         # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
         # until a broadcasting op meets them with the batch (see _broadcast)
         self._unbatched: Dict[int, tuple] = {}
+        self._bn: List[batchnorm.Record] = []  # normalizations with batch statistics
+        self._seen: set = set()       # ids of the parameters used so far in the forward
+        self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
 
     def __enter__(self) -> "GradNormTape":
         if self._mode is not None:
@@ -240,7 +262,7 @@ class GradNormTape:
                              "requires_grad=True")
         self._paths = {id(m): p for p, m in self.model.named_modules()}
         for path, module in self.model.named_modules():
-            reason = _mixing_reason(module)
+            reason = _mixing_reason(module, self.batch_norm)
             if reason:
                 raise ValueError(_mixing_message(path or "<root>", type(module).__name__, reason))
         self._reset()
@@ -286,7 +308,7 @@ class GradNormTape:
             self._enter_call(module, args)
 
     def _enter_call(self, module, args):
-        reason = _mixing_reason(module)
+        reason = _mixing_reason(module, self.batch_norm)
         if reason:
             raise ValueError(_mixing_message(_path(self._paths, module), type(module).__name__, reason))
         if module is self.model:
@@ -316,6 +338,12 @@ class GradNormTape:
         # fallback and the probes' generic jvp re-run the module and compare with them.
         by_rule = type(module) in self._module_rules and (self.estimator == "exact"
                                                           or type(module) in LINEAR_IN_PARAMS)
+        if not by_rule and id(module) in self._bn_inside:
+            raise ValueError(
+                f"module '{_path(self._paths, module)}' ({type(module).__name__}) uses parameters "
+                "without an exact rule and normalizes with batch statistics inside its forward; "
+                "the per-example loop cannot re-run it one example at a time. Give it a rule "
+                "(GradNormTape(rules=...)), or put its BatchNorm in eval mode.")
         self._calls.append(_Call(module, _path(self._paths, module), args, kwargs, output,
                                  used, by_rule))
 
@@ -354,18 +382,32 @@ class GradNormTape:
     def _where(self) -> str:
         return _path(self._paths, self._stack[-1][0]) if self._stack else "<outside modules>"
 
+    def _batch_stats_norm(self, args, kwargs):
+        """F.batch_norm with batch statistics under ``batch_norm=...`` (``curvreg.batchnorm``):
+        the normalization through gates, then its affine step recorded as an op call."""
+        with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+            self._bn_inside.update(id(module) for module, _ in self._stack)
+            xhat, w, b, rec = batchnorm.normalize(args, kwargs, self._switch, frozenset(self._seen))
+            self._bn.append(rec)
+            shell = ops.NormalizedAffine(w, b)
+            out = shell(xhat)
+            names = {k: id(t) for k, t in (("weight", w), ("bias", b))
+                     if isinstance(t, Tensor) and id(t) in self._params}
+            if names:
+                self._seen.update(names.values())
+                self._calls.append(_Call(shell, self._where(), (xhat,), None, out, names, True,
+                                         op="F.batch_norm (batch statistics)"))
+        return out
+
     def _on_op(self, func, args, kwargs, out):
         used = [a for a in _op_params(args, kwargs) if id(a) in self._params]
         if not used:
             return
+        self._seen.update(id(a) for a in used)
         module = self._stack[-1][0] if self._stack else None
         use = None
         if module is None or type(module) not in self._module_rules:
-            try:
-                use = ops.match(func, args, kwargs, self._params)
-            except ops.BatchStatistics as e:
-                raise ValueError(_mixing_message(
-                    self._where(), str(e), "normalizes with the statistics of the batch")) from None
+            use = ops.match(func, args, kwargs, self._params)
         if use is not None:  # an op rule covers these parameters (see also _covered)
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
                 names = {k: id(use.shell._parameters[k]) for k in use.names}
@@ -417,14 +459,17 @@ class GradNormTape:
         for c in calls:
             c.check_versions()
         expanded = [c for c in calls if c.origin is not None]
+        bn = [r for r in self._bn if r.upstream and r.xhat.requires_grad] if self.batch_norm == "unbiased" else []
         outs = ([e for c in calls for e in c.edges] + [t for _, t in self._outside]
-                + [c.origin for c in expanded])
+                + [c.origin for c in expanded] + [r.xhat for r in bn])
         if not outs:
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
         with self._delta_pass():
             deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
                                               create_graph=create_graph, allow_unused=True))
+        bn_deltas = deltas[len(deltas) - len(bn):]
+        del deltas[len(deltas) - len(bn):]
         origin_deltas = deltas[len(deltas) - len(expanded):] if expanded else []
         del deltas[len(deltas) - len(expanded):]
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
@@ -456,6 +501,10 @@ class GradNormTape:
         self._check_independent(losses, live, n)
         with torch.set_grad_enabled(create_graph):
             total = self._accumulate(live, n)
+        if bn:
+            corr = self._bn_correction(live, bn, bn_deltas, n, create_graph)
+            if corr is not None:
+                total = total + (corr if create_graph else corr.detach())
         return total / (m * m)
 
     @contextmanager
@@ -463,9 +512,11 @@ class GradNormTape:
         """A backward for output gradients only: the fused layers skip their weight products."""
         for h in self._holders:
             h.delta_pass = True
+        self._switch.frozen = True  # batch statistics held constant (curvreg.batchnorm)
         try:
             yield
         finally:
+            self._switch.frozen = False
             for h in self._holders:
                 h.delta_pass = False
 
@@ -620,18 +671,65 @@ class GradNormTape:
         est = None
         for _ in range(self.num_probes):
             vs = {key: draw(self._params[key][1], self.distribution, self.generator) for key in order}
-            dot = None
-            for c, d, names in work:
-                local = {k: vs[key] for k, key in zip(c.names, c.keys) if k in names}
-                tangents = local_tangents(c, names, local)
-                for t, delta, dim in zip(tangents, d, c.dims):
-                    if delta is None:
-                        continue
-                    part = (delta * t).movedim(dim, 0).reshape(n, -1).sum(1)
-                    dot = part if dot is None else dot + part
-            g = dot.view(n // self.group_size, self.group_size).sum(1)
+            g = self._group_sum(self._probe_dot(work, vs, n))
             est = g * g if est is None else est + g * g
         return est / self.num_probes
+
+    def _group_sum(self, t: Tensor) -> Tensor:
+        return t.view(-1, self.group_size).sum(1)
+
+    @staticmethod
+    def _probe_dot(work, vs, n: int) -> Optional[Tensor]:
+        """Per example, g_i . v over the parameters named in ``work`` ((call, deltas, names))."""
+        dot = None
+        for c, d, names in work:
+            local = {k: vs[key] for k, key in zip(c.names, c.keys) if k in names}
+            tangents = local_tangents(c, names, local)
+            for t, delta, dim in zip(tangents, d, c.dims):
+                if delta is None:
+                    continue
+                part = (delta * t).movedim(dim, 0).reshape(n, -1).sum(1)
+                dot = part if dot is None else dot + part
+        return dot
+
+    def _bn_correction(self, live, records, deltas, n: int, create_graph: bool) -> Optional[Tensor]:
+        """(1/K) sum_k [(G_k . v)^2 - (U_k . v)^2] per group: the ``"unbiased"`` control-variate
+        correction for the batch statistics (see ``curvreg.batchnorm``)."""
+        pairs = [(r, d) for r, d in zip(records, deltas) if d is not None]
+        keys = set().union(*(r.upstream for r, _ in pairs)) if pairs else set()
+        order = [key for key in self._params if key in keys]
+        if not order:
+            return None
+        records = [r for r, _ in pairs]
+        dummies = [t for r in records for t in (torch.zeros_like(r.mean, requires_grad=True),
+                                                torch.zeros_like(r.var, requires_grad=True))]
+        inner = sum((r.mean * dummies[2 * i]).sum() + (r.var * dummies[2 * i + 1]).sum()
+                    for i, r in enumerate(records))
+        # a = J_s^T w for the dummy w, graph kept: s' = J_s v = d <a, v> / dw (double backward)
+        a = torch.autograd.grad(inner, [self._params[key][1] for key in order], create_graph=True,
+                                allow_unused=True)
+        used = [(key, t) for key, t in zip(order, a) if t is not None]
+        if not used:
+            return None  # the statistics do not depend on any trainable parameter
+        sens = [batchnorm.stats_sensitivity(r, d) for r, d in pairs]
+        work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in keys]) for c, d in live]
+        work = [w for w in work if w[2]]
+        est = None
+        for _ in range(self.num_probes):
+            vs = {key: draw(self._params[key][1], self.distribution, self.generator) for key in order}
+            dense = {key: v.dense() if hasattr(v, "dense") else v for key, v in vs.items()}
+            proj = sum((t * dense[key]).sum() for key, t in used)
+            dots = torch.autograd.grad(proj, dummies, create_graph=create_graph, retain_graph=True,
+                                       allow_unused=True)
+            d = batchnorm.correction_dots(records, sens, dots[0::2], dots[1::2])
+            if d is None:
+                continue
+            u = self._probe_dot(work, vs, n)
+            d = self._group_sum(d)
+            u = self._group_sum(u) if u is not None else torch.zeros_like(d)
+            term = d * (2 * u + d)
+            est = term if est is None else est + term
+        return None if est is None else est / self.num_probes
 
 
 _CHECKS = ("once", "always", "never")
@@ -689,6 +787,8 @@ def _sq_via_grads(rule: LayerRule):
 
 
 def _mixing_message(path: str, kind: str, reason: str) -> str:
-    return (f"module '{path}' ({kind}) {reason}, so per-example gradients are undefined. Use "
-            "GroupNorm/LayerNorm instead, put the BatchNorm in eval mode (model.eval() or "
-            "module.eval()) before the taped forward, or freeze its statistics.")
+    return (f"module '{path}' ({kind}) {reason}. Pass GradNormTape(..., batch_norm='unbiased') "
+            "for an unbiased estimate of the true per-example norms (statistics coupling "
+            "included), or batch_norm='frozen' for the exact norms with this batch's statistics "
+            "held constant (a different quantity); or put the BatchNorm in eval mode "
+            "(module.eval()), or use GroupNorm/LayerNorm.")

@@ -23,10 +23,13 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 @contextmanager
 def model_mode(model: nn.Module, mode: Optional[str]):
-    """Temporarily put ``model`` in "train" or "eval" mode (None: leave it as it is)."""
+    """Temporarily put ``model`` in "train" or "eval" mode (None: leave it as it is), and
+    restore its buffers afterwards: a measurement must not move the running statistics that a
+    training-mode BatchNorm forward updates."""
     if mode not in (None, "train", "eval"):
         raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
     saved = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     if mode is not None:
         model.train(mode == "train")
     try:
@@ -34,6 +37,9 @@ def model_mode(model: nn.Module, mode: Optional[str]):
     finally:
         for m, training in saved:
             m.training = training
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
 
 
 def _materialize(batches) -> list:

@@ -26,6 +26,9 @@ class TraceEstimate:
     stderr: float
     num_probes: int
 
+    def __float__(self) -> float:
+        return float(self.value)
+
 
 def probes(dim: int, k: int, distribution: str, generator: Optional[torch.Generator],
            dtype=torch.float64, device="cpu") -> Tensor:

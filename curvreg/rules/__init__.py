@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional
 
 from torch import nn
 
-from ..ops import ElementwiseAffine
+from ..ops import ElementwiseAffine, NormalizedAffine
 
 from ._base import LayerRule, fold_groups, sq_from_grads, sum_groups
 from .conv import CONV_RULE
@@ -19,7 +19,8 @@ from .elementwise import ELEMENTWISE_RULE
 from .embedding import EMBEDDING_RULE
 from .fallback import fallback_grads
 from .linear import LINEAR_RULE
-from .norm import BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE, RMS_NORM_RULE
+from .norm import (BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE, NORMALIZED_AFFINE_RULE,
+                   RMS_NORM_RULE)
 
 __all__ = ["LayerRule", "default_rules", "merge_rules", "fallback_grads", "fold_groups",
            "sum_groups", "sq_from_grads"]
@@ -38,6 +39,7 @@ def default_rules() -> Dict[type, LayerRule]:
         nn.GroupNorm: GROUP_NORM_RULE,
         nn.RMSNorm: RMS_NORM_RULE,
         ElementwiseAffine: ELEMENTWISE_RULE,
+        NormalizedAffine: NORMALIZED_AFFINE_RULE,
         **norm_eval,
     }
 

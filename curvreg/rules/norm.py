@@ -4,8 +4,9 @@ For y = xhat * w + b (w, b broadcast over positions), example i's gradients are
     g_i(w) = sum_{positions} delta_i * xhat_i,    g_i(b) = sum_{positions} delta_i,
 which are as small as the parameters, so they are materialized. xhat is recomputed from the
 recorded input with the layer's own statistics. Covers ``LayerNorm``, ``GroupNorm``,
-``InstanceNorm*d`` and ``BatchNorm*d`` in eval mode with running statistics (training-mode
-BatchNorm mixes examples; the tape rejects it before the forward).
+``InstanceNorm*d`` and ``BatchNorm*d`` in eval mode with running statistics, and the affine step of a training-mode
+BatchNorm under ``GradNormTape(batch_norm=...)`` (``curvreg.batchnorm``), whose recorded input is
+the normalized ``xhat`` itself.
 """
 from __future__ import annotations
 
@@ -69,3 +70,12 @@ def rms_norm_grads(layer: nn.RMSNorm, inputs, grad_output, names, group):
 
 
 RMS_NORM_RULE = LayerRule(grads=rms_norm_grads)
+
+
+def normalized_affine_grads(layer, inputs, grad_output, names, group):
+    xhat = inputs[0]
+    return _affine_grads(xhat, grad_output, names, group, tuple(range(2, xhat.dim())),
+                         (xhat.shape[1],))
+
+
+NORMALIZED_AFFINE_RULE = LayerRule(grads=normalized_affine_grads)

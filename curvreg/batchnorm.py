@@ -1,0 +1,139 @@
+"""BatchNorm with batch statistics inside the tape: ``GradNormTape(batch_norm=...)``.
+
+In training mode a BatchNorm normalizes with the statistics s = (mean, var) of the batch, so
+l_i depends on the other examples, but only through s. The per-example gradient
+g_i = d l_i / d theta (statistics included, what autograd gives for l_i alone) is well defined;
+it is not separable per example. Write l_i = F_i(theta, s(theta)), with F_i the same network
+whose BatchNorms take s as an input. Then
+
+    u_i = dF_i / dtheta (s held constant)      is separable: the rules compute ||u_i||^2 exactly,
+    g_i . v = u_i . v + sum_b <dF_i/ds_b, s_b'>  for any direction v, with s_b' = (d s_b / d theta) v
+                                                 the total tangent of BatchNorm b's statistics.
+
+``"frozen"`` returns ||u_i||^2 (exact, deterministic): the squared gradient norm of the model
+whose statistics are those of this batch, held constant. It is a different quantity from
+||g_i||^2, not an approximation that improves with the batch size.
+
+``"unbiased"`` returns ||u_i||^2 + (1/K) sum_k [(g_i . v_k)^2 - (u_i . v_k)^2] for K probes
+with E[v v^T] = I. Its expectation is ||g_i||^2: the probes only carry the correction
+||g_i||^2 - ||u_i||^2, a control variate around the exact part, so the noise is that of the
+(small) difference rather than of the whole norm. With d_i = g_i . v - u_i . v the summand is
+d_i (2 u_i . v + d_i). The probes cover only the parameters used before the last BatchNorm's
+statistics (the others cannot reach any statistics, so there g_i = u_i exactly).
+
+How, without re-running the model:
+  * the statistics enter the normalization through a ``_Gate``: identity forward, and in the
+    backward identity normally but zero during the tape's delta pass, so the one forward carries
+    both graphs: the true one (the training loss's gradient, the statistics' tangents) and the
+    frozen one (the deltas dF_i/dy, hence u_i);
+  * dF_i/ds_b is per example, from the frozen delta at the normalized output xhat_b:
+    with r = (var + eps)^(-1/2), dxhat/dmean = -r and dxhat/dvar = -xhat r^2 / 2;
+  * s' = J_s v by the double-backward trick: a = J_s^T w for a dummy w (one backward, graph
+    kept), then s' = d <a, v> / dw. Every step keeps its graph, so the estimate is
+    differentiable and its gradient is an unbiased estimate of grad mean_i ||g_i||^2.
+
+The running statistics are updated by PyTorch's own kernel, once per taped forward, exactly as a
+plain forward updates them.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("frozen", "unbiased")
+
+
+class Switch:
+    """Whether the statistics' gradient is cut (True inside the tape's delta pass)."""
+
+    __slots__ = ("frozen",)
+
+    def __init__(self):
+        self.frozen = False
+
+
+class _Gate(torch.autograd.Function):
+    """Identity; its backward passes the gradient unless ``switch.frozen`` is set."""
+
+    @staticmethod
+    def forward(ctx, t, switch):
+        ctx.switch = switch
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None if ctx.switch.frozen else grad), None
+
+
+class Record(NamedTuple):
+    """One BatchNorm normalization with batch statistics."""
+
+    xhat: Tensor        # [N, C, ...] normalized input (its gradient edge is a delta target)
+    mean: Tensor        # [1, C, 1...] batch mean, before the gate (true graph)
+    var: Tensor         # [1, C, 1...] biased batch variance, before the gate
+    rstd: Tensor        # (var + eps)^(-1/2), through the gate
+    upstream: frozenset  # ids of the parameters used before these statistics
+
+
+def _arg(args, kwargs, i, name, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def uses_batch_stats(args, kwargs) -> bool:
+    """Whether this F.batch_norm call normalizes with the statistics of its batch."""
+    return bool(_arg(args, kwargs, 5, "training", False)) or _arg(args, kwargs, 1, "running_mean") is None
+
+
+def normalize(args, kwargs, switch: Switch, upstream: frozenset):
+    """(xhat, weight, bias, Record) for an F.batch_norm call with batch statistics.
+
+    Updates the running statistics (when given and training) with PyTorch's kernel, as the
+    plain call would. Call with torch functions disabled (inside the tape's mode)."""
+    x = _arg(args, kwargs, 0, "input")
+    rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+    w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
+    training = bool(_arg(args, kwargs, 5, "training", False))
+    momentum, eps = _arg(args, kwargs, 6, "momentum", 0.1), _arg(args, kwargs, 7, "eps", 1e-5)
+    if x.dim() < 2:
+        raise ValueError(f"F.batch_norm needs an input of shape [N, C, ...], got {tuple(x.shape)}")
+    dims = [0] + list(range(2, x.dim()))
+    if x.numel() // x.shape[1] < 2:
+        raise ValueError(f"BatchNorm with batch statistics needs more than one value per channel, "
+                         f"got input of shape {tuple(x.shape)}")
+    if training and rm is not None:
+        with torch.no_grad():
+            F.batch_norm(x.detach(), rm, rv, None, None, True, momentum, eps)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    rstd = (_Gate.apply(var, switch) + eps).rsqrt()
+    xhat = (x - _Gate.apply(mean, switch)) * rstd
+    return xhat, w, b, Record(xhat, mean, var, rstd, upstream)
+
+
+def stats_sensitivity(rec: Record, delta: Tensor):
+    """Per example, dF_i/dmean and dF_i/dvar of this normalization ([N, C] each), from the frozen
+    delta at xhat."""
+    dims = tuple(range(2, delta.dim()))
+    flat = (lambda t: t.sum(dims)) if dims else (lambda t: t)
+    r = rec.rstd.reshape(1, -1)
+    d_mean = -flat(delta) * r
+    d_var = -0.5 * flat(delta * rec.xhat) * r * r
+    return d_mean, d_var
+
+
+def correction_dots(records: List[Record], sens, mean_dots, var_dots) -> Optional[Tensor]:
+    """d_i = sum_b <dF_i/ds_b, s_b'> over the records, [N]."""
+    total = None
+    for (d_mean, d_var), m_dot, v_dot in zip(sens, mean_dots, var_dots):
+        part = None
+        if m_dot is not None:
+            part = (d_mean * m_dot.reshape(1, -1)).sum(1)
+        if v_dot is not None:
+            q = (d_var * v_dot.reshape(1, -1)).sum(1)
+            part = q if part is None else part + q
+        if part is not None:
+            total = part if total is None else total + part
+    return total

@@ -1,0 +1,347 @@
+"""Training-mode BatchNorm: GradNormTape(batch_norm="frozen" | "unbiased") against brute force.
+
+References, float64:
+  * the true per-example gradients g_i = d l_i / d theta through the batch statistics, from
+    autograd on each entry of the loss vector and, independently, torch.func.jacrev of it;
+  * the frozen u_i, from a batch-size-1 loop over the model whose BatchNorms use this batch's
+    statistics as constants.
+"""
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+import curvreg
+
+DT = torch.float64
+
+
+def cnn_two_bn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3),
+                         nn.BatchNorm2d(5), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(5, 3))
+
+
+def mlp_one_bn():
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def seq_bn1d():
+    """BatchNorm1d over [N, C, L] (statistics over examples and positions)."""
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4, momentum=None), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(4 * 5, 3))
+
+
+MODELS = {"cnn_two_bn": (cnn_two_bn, (3, 7, 7)), "mlp_one_bn": (mlp_one_bn, (6,)),
+          "seq_bn1d": (seq_bn1d, (2, 7))}
+
+
+def build(name, n=6, seed=0):
+    make, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = make().to(DT)
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(n, *shape, dtype=DT)
+    y = torch.randint(0, 3, (n,))
+    return model, x, y
+
+
+def params_of(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat(gs):
+    return torch.cat([g.reshape(-1) for g in gs])
+
+
+def loss_vec(model, x, y):
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def true_grads_autograd(model, x, y):
+    """[N, P] rows g_i, one autograd.grad per loss entry (statistics included)."""
+    losses = loss_vec(model, x, y)
+    return torch.stack([flat(torch.autograd.grad(losses[i], params_of(model), retain_graph=True))
+                        for i in range(len(losses))])
+
+
+def true_grads_jacrev(model, x, y):
+    """[N, P] rows g_i from torch.func.jacrev of the loss vector."""
+    model = copy.deepcopy(model)
+    for bn in _bns(model):  # same function, without the in-place running-statistics update
+        bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
+        bn.num_batches_tracked = None
+    named = {k: p.detach() for k, p in model.named_parameters()}
+    jac = jacrev(lambda p: F.cross_entropy(functional_call(model, p, (x,)), y,
+                                           reduction="none"))(named)
+    return torch.cat([jac[k].reshape(len(y), -1) for k in named], dim=1)
+
+
+def true_sq(model, x, y, group_size=1):
+    g = true_grads_autograd(model, x, y)
+    g = g.view(-1, group_size, g.shape[1]).mean(1)
+    return (g * g).sum(1)
+
+
+def _bns(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def batch_stats(model, x):
+    """(mean, biased var) of each BatchNorm's input in a train-mode forward, graph kept."""
+    stats, handles = [], []
+    for bn in _bns(model):
+        def hook(mod, args):
+            h = args[0]
+            dims = [0] + list(range(2, h.dim()))
+            stats.append((h.mean(dims), h.var(dims, unbiased=False)))
+        handles.append(bn.register_forward_pre_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@contextmanager
+def constant_stats(model, stats):
+    """Each BatchNorm normalizes with the given (mean, var) instead of its batch's."""
+    bns = _bns(model)
+    for bn, (mean, var) in zip(bns, stats):
+        def fwd(h, bn=bn, mean=mean, var=var):
+            shape = (1, -1) + (1,) * (h.dim() - 2)
+            return ((h - mean.view(shape)) / (var.view(shape) + bn.eps).sqrt()
+                    * bn.weight.view(shape) + bn.bias.view(shape))
+        bn.forward = fwd
+    try:
+        yield
+    finally:
+        for bn in bns:
+            del bn.forward
+
+
+def frozen_sq_loop(model, x, y, group_size=1, create_graph=False):
+    """||u_k||^2 by a loop over groups of the statistics-held-constant model, and R's gradient
+    (the total derivative, statistics' dependence on theta included) when create_graph."""
+    params = params_of(model)
+    stats = batch_stats(model, x)
+    consts = [(m.detach().requires_grad_(), v.detach().requires_grad_()) for m, v in stats]
+    sq = []
+    with constant_stats(model, consts):
+        for k in range(0, len(y), group_size):
+            sl = slice(k, k + group_size)
+            loss = F.cross_entropy(model(x[sl]), y[sl])
+            g = torch.autograd.grad(loss, params, create_graph=create_graph)
+            sq.append(sum((t * t).sum() for t in g))
+    sq = torch.stack(sq)
+    if not create_graph:
+        return sq.detach(), None
+    leaves = [t for pair in consts for t in pair]
+    grads = torch.autograd.grad(sq.mean(), params + leaves)
+    partial, d_stats = grads[:len(params)], grads[len(params):]
+    via_stats = torch.autograd.grad([t for pair in stats for t in pair], params, d_stats, allow_unused=True)
+    total = [a if b is None else a + b for a, b in zip(partial, via_stats)]
+    return sq.detach(), flat(total)
+
+
+def tape_sq(model, x, y, mode, create_graph=True, **kw):
+    with curvreg.GradNormTape(model, batch_norm=mode, **kw) as tape:
+        out = model(x)
+    return tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"),
+                                          create_graph=create_graph)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ------------------------------------------------------------------ the references agree
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_true_references_agree(name):
+    model, x, y = build(name)
+    assert rel_err(true_grads_autograd(model, x, y), true_grads_jacrev(model, x, y)) < 1e-12
+
+
+# ------------------------------------------------------------------ frozen
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_frozen_matches_statistics_held_constant_model(name, group_size):
+    model, x, y = build(name)
+    sq = tape_sq(model, x, y, "frozen", group_size=group_size)
+    ref, ref_grad = frozen_sq_loop(model, x, y, group_size, create_graph=True)
+    assert rel_err(sq.detach(), ref) < 1e-9
+    ours = flat(torch.autograd.grad(sq.mean(), params_of(model)))
+    assert rel_err(ours, ref_grad) < 1e-9
+    # and it is a different quantity from the true norm
+    assert rel_err(ref, true_sq(model, x, y, group_size)) > 0.05
+
+
+# ------------------------------------------------------------------ unbiased
+def _estimates(model, x, y, draws, **kw):
+    gen = torch.Generator().manual_seed(123)
+    return torch.stack([tape_sq(model, x, y, "unbiased", create_graph=False, generator=gen, **kw)
+                        for _ in range(draws)])
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("cnn_two_bn", {}),
+    ("mlp_one_bn", {}),
+    ("seq_bn1d", {}),
+    ("cnn_two_bn", {"group_size": 2}),
+    ("cnn_two_bn", {"estimator": "hybrid"}),
+    ("mlp_one_bn", {"estimator": "probe", "distribution": "gaussian"}),
+])
+def test_unbiased_mean_matches_true_norms(name, kw):
+    model, x, y = build(name)
+    est = _estimates(model, x, y, 300, num_probes=4, **kw)
+    true = true_sq(model, x, y, kw.get("group_size", 1))
+    mean, se = est.mean(0), est.std(0) / est.shape[0] ** 0.5
+    assert bool(((mean - true).abs() < 4.5 * se).all()), (mean, true, se)
+    # the test has power: the frozen (exact, different) values are rejected by it
+    frozen = tape_sq(model, x, y, "frozen", create_graph=False, group_size=kw.get("group_size", 1))
+    assert bool(((frozen - true).abs() > 4.5 * se).any())
+
+
+def test_unbiased_penalty_gradient_is_unbiased():
+    model, x, y = build("cnn_two_bn")
+    params = params_of(model)
+    w = torch.randn(sum(p.numel() for p in params), dtype=DT, generator=torch.Generator().manual_seed(5))
+    losses = loss_vec(model, x, y)
+    g = [torch.autograd.grad(losses[i], params, retain_graph=True, create_graph=True)
+         for i in range(len(y))]
+    r_true = torch.stack([sum((t * t).sum() for t in gi) for gi in g]).mean()
+    target = (flat(torch.autograd.grad(r_true, params)) @ w).item()
+    gen = torch.Generator().manual_seed(7)
+    samples = []
+    for _ in range(300):
+        sq = tape_sq(model, x, y, "unbiased", generator=gen, num_probes=4)
+        samples.append(flat(torch.autograd.grad(sq.mean(), params)) @ w)
+    s = torch.stack(samples)
+    se = (s.std() / len(s) ** 0.5).item()
+    assert abs(s.mean().item() - target) < 4.5 * se, (s.mean().item(), target, se)
+    frozen = flat(torch.autograd.grad(tape_sq(model, x, y, "frozen").mean(), params)) @ w
+    assert abs(frozen.item() - target) > 4.5 * se  # power: the frozen gradient is rejected
+
+
+# ------------------------------------------------------------------ the forward is the plain one
+@pytest.mark.parametrize("mode", ["frozen", "unbiased"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_loss_gradient_and_running_stats_as_plain(mode, name):
+    model, x, y = build(name)
+    plain = copy.deepcopy(model)
+    for _ in range(2):  # twice: momentum=None averages over num_batches_tracked
+        ref = loss_vec(plain, x, y)
+        ref_grad = flat(torch.autograd.grad(ref.mean(), params_of(plain)))
+        with curvreg.GradNormTape(model, batch_norm=mode) as tape:
+            out = model(x)
+        losses = F.cross_entropy(out, y, reduction="none")
+        sq = tape.per_example_sq_grad_norms(losses)
+        assert torch.allclose(losses, ref, rtol=1e-12, atol=1e-14)
+        grad = flat(torch.autograd.grad(losses.mean(), params_of(model), retain_graph=True))
+        assert rel_err(grad, ref_grad) < 1e-10  # the loss trains through the statistics
+        (losses.mean() + 0.1 * sq.mean()).backward()  # and the penalty backpropagates
+    # PyTorch's kernel updates them; the first BatchNorm sees the plain forward's input bit for
+    # bit, later ones an input that differs at rounding level (the taped normalization is
+    # computed with separate ops)
+    for k, (a, b) in enumerate(zip(_bns(model), _bns(plain))):
+        same = torch.equal if k == 0 else lambda u, v: torch.allclose(u, v, rtol=1e-12, atol=1e-15)
+        assert same(a.running_mean, b.running_mean) and same(a.running_var, b.running_var)
+        assert torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+
+
+# ------------------------------------------------------------------ refusals
+def test_default_refuses_before_the_forward_and_names_the_options():
+    model, x, y = build("cnn_two_bn")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError) as err:
+        with curvreg.GradNormTape(model):
+            model(x)
+    msg = str(err.value)
+    assert "module '1' (BatchNorm2d)" in msg and "undefined" not in msg
+    for word in ("batch_norm='unbiased'", "batch_norm='frozen'", "eval", "GroupNorm"):
+        assert word in msg
+    assert not calls
+
+
+def test_functional_batch_norm_with_batch_statistics():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(F.batch_norm(self.lin(x), None, None, training=True)))
+
+    torch.manual_seed(0)
+    model = Net().to(DT)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match="F.batch_norm.*batch_norm='unbiased'"):
+        tape_sq(model, x, y, None)
+    sq = tape_sq(model, x, y, "frozen")
+    stats = model.lin(x)
+    mean, var = stats.mean(0).detach(), stats.var(0, unbiased=False).detach()
+    ref = []
+    for i in range(6):
+        h = (model.lin(x[i:i + 1]) - mean) / (var + 1e-5).sqrt()
+        loss = F.cross_entropy(model.out(torch.tanh(h)), y[i:i + 1])
+        ref.append(sum((g * g).sum() for g in torch.autograd.grad(loss, params_of(model))))
+    assert rel_err(sq.detach(), torch.stack(ref)) < 1e-9
+    est = _estimates(model, x, y, 300, num_probes=4)
+    mean_est, se = est.mean(0), est.std(0) / 300 ** 0.5
+    assert bool(((mean_est - true_sq(model, x, y)).abs() < 4.5 * se).all())
+
+
+def test_fallback_module_running_batch_statistics_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(x) * self.scale.exp()  # exp: no op rule covers this use
+
+    model = nn.Sequential(nn.Linear(3, 4), Block(), nn.Linear(4, 2)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match=r"module '1' \(Block\).*batch statistics"):
+        tape_sq(model, x, y, "frozen")
+
+
+def test_bad_option():
+    with pytest.raises(ValueError, match="batch_norm must be"):
+        curvreg.GradNormTape(nn.Linear(2, 2), batch_norm="true")
+
+
+# ------------------------------------------------------------------ diagnostics
+def test_fisher_diagnostics_accept_batch_statistics():
+    model, x, y = build("cnn_two_bn")
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    frozen_ref = frozen_sq_loop(model, x, y)[0].mean().item()
+    true = true_sq(model, x, y).mean().item()
+    probs = F.softmax(model(x), 1).detach()  # tr(F): the true value sums over every label
+    exact = sum((probs[:, c] * true_sq(model, x, torch.full_like(y, c))).mean().item()
+                for c in range(3))
+    before = [b.clone() for b in model.buffers()]
+    frozen = curvreg.empirical_fisher_trace(model, ce, [(x, y)], mode="train", batch_norm="frozen")
+    assert abs(frozen - frozen_ref) < 1e-9 * frozen
+    est = curvreg.empirical_fisher_trace(model, ce, [(x, y)], mode="train", batch_norm="unbiased",
+                                         num_draws=60, generator=torch.Generator().manual_seed(0))
+    assert est.num_probes == 60 and abs(est.value - true) < 4.5 * est.stderr
+    assert abs(frozen - true) > 4.5 * est.stderr
+    fish = curvreg.fisher_trace(model, [(x, y)], num_samples=150, mode="train", batch_norm="unbiased",
+                                generator=torch.Generator().manual_seed(1))
+    assert abs(fish.value - exact) < 4.5 * fish.stderr
+    with pytest.raises(ValueError, match="labels='sample'"):
+        curvreg.fisher_trace(model, [(x, y)], labels="all", mode="train", batch_norm="unbiased")
+    for a, b in zip(model.buffers(), before):  # running statistics untouched by a measurement
+        assert torch.equal(a, b)
