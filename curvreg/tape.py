@@ -197,6 +197,14 @@ class GradNormTape:
         fuse_linear: ``curvreg.fused`` policy: ``"auto"`` (by layer size), True, False.
         check_independence: ``"once"`` (default: once per model and recorded structure),
             ``"always"`` or ``"never"``; see ``_check_independent``.
+        batch_norm: how to take a BatchNorm that normalizes with its batch statistics (training
+            mode, or no running statistics); see ``curvreg.batchnorm``. ``None`` (default):
+            refuse it before the forward. ``"unbiased"``: an unbiased, differentiable estimate
+            of the true ||g_i||^2 (the statistics' coupling included), with ``num_probes``
+            probes from ``generator``. ``"frozen"``: the exact norms with this batch's
+            statistics held constant, a different quantity.
+        bn_estimator: ``"probe"`` (default) or ``"control_variate"``: how ``"unbiased"`` covers
+            the parameters the statistics depend on.
 
     The tape registers hooks only inside ``with``; they are removed on exit, even after an
     exception. It stores nothing on modules or parameters and never changes train/eval mode.
@@ -206,7 +214,8 @@ class GradNormTape:
                  allow_override: bool = False, group_size: int = 1, estimator: str = "exact",
                  num_probes: int = 1, generator: Optional[torch.Generator] = None,
                  distribution: str = "rademacher", fuse_linear="auto",
-                 check_independence: str = "once", batch_norm: Optional[str] = None):
+                 check_independence: str = "once", batch_norm: Optional[str] = None,
+                 bn_estimator: str = "probe"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradNormTape needs an nn.Module, got {type(model).__name__}")
         if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
@@ -223,7 +232,9 @@ class GradNormTape:
         check_options(estimator, num_probes, distribution)
         if batch_norm is not None and batch_norm not in batchnorm.MODES:
             raise ValueError(f"batch_norm must be None or one of {batchnorm.MODES}, got {batch_norm!r}")
-        self.batch_norm = batch_norm
+        if bn_estimator not in batchnorm.ESTIMATORS:
+            raise ValueError(f"bn_estimator must be one of {batchnorm.ESTIMATORS}, got {bn_estimator!r}")
+        self.batch_norm, self.bn_estimator = batch_norm, bn_estimator
         self._switch = batchnorm.Switch()
         self.model, self.group_size = model, group_size
         self.estimator, self.num_probes = estimator, num_probes
@@ -499,12 +510,18 @@ class GradNormTape:
                 if delta is not None:
                     _check_leading(c, delta, n, dim)
         self._check_independent(losses, live, n)
+        # under "unbiased", the parameters the batch statistics depend on (a superset: those used
+        # before the last statistics) are probed through the true graph instead (bn_estimator
+        # "probe"), or around their exact frozen norms ("control_variate")
+        reach = {key for r in bn for key in r.upstream}
+        probe_reach = reach if self.bn_estimator == "probe" else set()
         with torch.set_grad_enabled(create_graph):
-            total = self._accumulate(live, n)
-        if bn:
-            corr = self._bn_correction(live, bn, bn_deltas, n, create_graph)
+            total = self._accumulate(live, n, probe_reach)
+        if reach:
+            corr = self._bn_correction(live, bn, bn_deltas, reach, n, create_graph)
             if corr is not None:
-                total = total + (corr if create_graph else corr.detach())
+                corr = corr if create_graph else corr.detach()
+                total = corr if total is None else total + corr
         return total / (m * m)
 
     @contextmanager
@@ -587,25 +604,33 @@ class GradNormTape:
             return None
         return self.rules.get(type(c.module))
 
-    def _plan(self, live) -> List[tuple]:
-        """Per live call: (names computed exactly, names probed)."""
+    def _plan(self, live, exclude: set) -> List[tuple]:
+        """Per live call: (names computed exactly, names probed), without the ``exclude`` keys."""
         if self.estimator == "exact":
-            return [(c.names, []) for c, _ in live]
-        if self.estimator == "probe":
-            return [([], c.names) for c, _ in live]
-        ok = [self._rule(c) is not None and hybrid_exact(c.module, c.args)
-              and (d[0] is None or d[0].shape[0] == self._n) for c, d in live]
-        probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys}
-        return [([k for k, key in zip(c.names, c.keys) if key not in probed],
-                 [k for k, key in zip(c.names, c.keys) if key in probed]) for c, _ in live]
+            plan = [(c.names, []) for c, _ in live]
+        elif self.estimator == "probe":
+            plan = [([], c.names) for c, _ in live]
+        else:
+            ok = [self._rule(c) is not None and hybrid_exact(c.module, c.args)
+                  and (d[0] is None or d[0].shape[0] == self._n) for c, d in live]
+            probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys}
+            plan = [([k for k, key in zip(c.names, c.keys) if key not in probed],
+                     [k for k, key in zip(c.names, c.keys) if key in probed]) for c, _ in live]
+        if not exclude:
+            return plan
+        keep = lambda c, names: [k for k, key in zip(c.names, c.keys)  # noqa: E731
+                                 if k in names and key not in exclude]
+        return [(keep(c, ex), keep(c, pr)) for (c, _), (ex, pr) in zip(live, plan)]
 
-    def _accumulate(self, live, n: int) -> Tensor:
-        plan = self._plan(live)
+    def _accumulate(self, live, n: int, exclude: set) -> Optional[Tensor]:
+        plan = self._plan(live, exclude)
         methods: Dict[str, List[str]] = {}
         for (c, _), (exact, probed) in zip(live, plan):
             kinds = methods.setdefault(c.path, [])
             fallback = exact and self._rule(c) is None
-            for kind, names in (("fallback" if fallback else "exact", exact), ("probe", probed)):
+            reach = [k for k, key in zip(c.names, c.keys) if key in exclude]
+            for kind, names in (("fallback" if fallback else "exact", exact), ("probe", probed),
+                                ("probe-bn", reach)):
                 if names and kind not in kinds:
                     kinds.append(kind)
         self.methods = {path: "+".join(kinds) for path, kinds in methods.items()}
@@ -692,24 +717,25 @@ class GradNormTape:
                 dot = part if dot is None else dot + part
         return dot
 
-    def _bn_correction(self, live, records, deltas, n: int, create_graph: bool) -> Optional[Tensor]:
-        """(1/K) sum_k [(G_k . v)^2 - (U_k . v)^2] per group: the ``"unbiased"`` control-variate
-        correction for the batch statistics (see ``curvreg.batchnorm``)."""
+    def _bn_correction(self, live, records, deltas, keys: set, n: int,
+                       create_graph: bool) -> Optional[Tensor]:
+        """The probed part of ``batch_norm="unbiased"`` over the parameters ``keys`` the batch
+        statistics may depend on, per group: (1/K) sum_k (G_k . v)^2 for ``bn_estimator="probe"``,
+        (1/K) sum_k [(G_k . v)^2 - (U_k . v)^2] for ``"control_variate"`` (see
+        ``curvreg.batchnorm``)."""
         pairs = [(r, d) for r, d in zip(records, deltas) if d is not None]
-        keys = set().union(*(r.upstream for r, _ in pairs)) if pairs else set()
         order = [key for key in self._params if key in keys]
-        if not order:
-            return None
+        cv = self.bn_estimator == "control_variate"
         records = [r for r, _ in pairs]
         dummies = [t for r in records for t in (torch.zeros_like(r.mean, requires_grad=True),
                                                 torch.zeros_like(r.var, requires_grad=True))]
         inner = sum((r.mean * dummies[2 * i]).sum() + (r.var * dummies[2 * i + 1]).sum()
                     for i, r in enumerate(records))
         # a = J_s^T w for the dummy w, graph kept: s' = J_s v = d <a, v> / dw (double backward)
-        a = torch.autograd.grad(inner, [self._params[key][1] for key in order], create_graph=True,
-                                allow_unused=True)
+        a = (torch.autograd.grad(inner, [self._params[key][1] for key in order], create_graph=True,
+                                 allow_unused=True) if records else [None] * len(order))
         used = [(key, t) for key, t in zip(order, a) if t is not None]
-        if not used:
+        if not used and cv:
             return None  # the statistics do not depend on any trainable parameter
         sens = [batchnorm.stats_sensitivity(r, d) for r, d in pairs]
         work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in keys]) for c, d in live]
@@ -718,16 +744,18 @@ class GradNormTape:
         for _ in range(self.num_probes):
             vs = {key: draw(self._params[key][1], self.distribution, self.generator) for key in order}
             dense = {key: v.dense() if hasattr(v, "dense") else v for key, v in vs.items()}
-            proj = sum((t * dense[key]).sum() for key, t in used)
-            dots = torch.autograd.grad(proj, dummies, create_graph=create_graph, retain_graph=True,
-                                       allow_unused=True)
-            d = batchnorm.correction_dots(records, sens, dots[0::2], dots[1::2])
-            if d is None:
-                continue
+            d = None
+            if used:
+                proj = sum((t * dense[key]).sum() for key, t in used)
+                dots = torch.autograd.grad(proj, dummies, create_graph=create_graph,
+                                           retain_graph=True, allow_unused=True)
+                d = batchnorm.correction_dots(records, sens, dots[0::2], dots[1::2])
             u = self._probe_dot(work, vs, n)
-            d = self._group_sum(d)
-            u = self._group_sum(u) if u is not None else torch.zeros_like(d)
-            term = d * (2 * u + d)
+            if d is None and (cv or u is None):
+                continue
+            d = self._group_sum(d) if d is not None else 0.0
+            u = self._group_sum(u) if u is not None else 0.0
+            term = d * (2 * u + d) if cv else (u + d) * (u + d)
             est = term if est is None else est + term
         return None if est is None else est / self.num_probes
 

@@ -192,12 +192,19 @@ def _estimates(model, x, y, draws, **kw):
                         for _ in range(draws)])
 
 
+CV = {"bn_estimator": "control_variate"}
+
+
 @pytest.mark.parametrize("name,kw", [
     ("cnn_two_bn", {}),
+    ("cnn_two_bn", CV),
     ("mlp_one_bn", {}),
+    ("mlp_one_bn", CV),
     ("seq_bn1d", {}),
+    ("seq_bn1d", CV),
     ("cnn_two_bn", {"group_size": 2}),
-    ("cnn_two_bn", {"estimator": "hybrid"}),
+    ("cnn_two_bn", {"group_size": 2, **CV}),
+    ("cnn_two_bn", {"estimator": "hybrid", **CV}),
     ("mlp_one_bn", {"estimator": "probe", "distribution": "gaussian"}),
 ])
 def test_unbiased_mean_matches_true_norms(name, kw):
@@ -211,7 +218,8 @@ def test_unbiased_mean_matches_true_norms(name, kw):
     assert bool(((frozen - true).abs() > 4.5 * se).any())
 
 
-def test_unbiased_penalty_gradient_is_unbiased():
+@pytest.mark.parametrize("bn_estimator", ["probe", "control_variate"])
+def test_unbiased_penalty_gradient_is_unbiased(bn_estimator):
     model, x, y = build("cnn_two_bn")
     params = params_of(model)
     w = torch.randn(sum(p.numel() for p in params), dtype=DT, generator=torch.Generator().manual_seed(5))
@@ -223,7 +231,7 @@ def test_unbiased_penalty_gradient_is_unbiased():
     gen = torch.Generator().manual_seed(7)
     samples = []
     for _ in range(300):
-        sq = tape_sq(model, x, y, "unbiased", generator=gen, num_probes=4)
+        sq = tape_sq(model, x, y, "unbiased", generator=gen, num_probes=4, bn_estimator=bn_estimator)
         samples.append(flat(torch.autograd.grad(sq.mean(), params)) @ w)
     s = torch.stack(samples)
     se = (s.std() / len(s) ** 0.5).item()
@@ -320,6 +328,18 @@ def test_fallback_module_running_batch_statistics_is_refused():
 def test_bad_option():
     with pytest.raises(ValueError, match="batch_norm must be"):
         curvreg.GradNormTape(nn.Linear(2, 2), batch_norm="true")
+    with pytest.raises(ValueError, match="bn_estimator must be"):
+        curvreg.GradNormTape(nn.Linear(2, 2), batch_norm="unbiased", bn_estimator="cv")
+
+
+def test_methods_name_the_probed_reach_of_the_statistics():
+    model, x, y = build("cnn_two_bn")
+    with curvreg.GradNormTape(model, batch_norm="unbiased") as tape:
+        out = model(x)
+    tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+    # before the last statistics: probed through the true graph; after: exact
+    assert tape.methods == {"0": "probe-bn", "1": "probe-bn", "3": "probe-bn", "4": "exact",
+                            "8": "exact"}
 
 
 # ------------------------------------------------------------------ diagnostics

@@ -40,3 +40,12 @@ def test_model_output_shapes_and_errors():
     assert build_model("allcnn", num_classes=100, width=0.1)(x).shape == (2, 100)
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         build_model("resnet")
+
+
+@pytest.mark.parametrize("name, params, bns", [("resnet20", 269_722, 19), ("resnet18", 11_173_962, 20)])
+def test_cifar_resnets(name, params, bns):
+    """He et al.'s ResNet-20 has 0.27M parameters (option-A shortcuts); the CIFAR ResNet-18 11.2M."""
+    model = build_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
+    assert build_model(name, num_classes=100, width=0.25)(torch.randn(2, 3, 32, 32)).shape == (2, 100)

@@ -10,7 +10,8 @@ import torch
 
 from curvreg.lab import train as train_mod
 from curvreg.lab.cli import main
-from curvreg.lab.config import ConfigError, make_config
+from curvreg.lab.config import PRESETS, ConfigError, make_config
+from curvreg.lab.models import MODELS
 from curvreg.lab.loader import epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +125,23 @@ def test_cli_errors_and_help(tmp_path, capsys):
     assert "momentun" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["fc512-cifar10", "fc4096-cifar10", "allcnn-cifar10", "allcnn-cifar100"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_resolve(preset):
     cfg = make_config({"preset": preset})
-    assert cfg.model in preset and cfg.dataset in preset
+    assert preset == f"{cfg.model}-{cfg.dataset}" and cfg.model in MODELS
+
+
+def test_resnet20_trains_with_the_penalty_through_batch_norm(tmp_path):
+    """Training-mode BatchNorm, unbiased penalty, from the CLI."""
+    out = tmp_path / "r"
+    assert main(["train", "--preset", "resnet20-cifar10", "--width", "0.5", "--train-subset", "256",
+                 "--val-size", "100", "--batch-size", "64", "--epochs", "2", "--lr", "0.05",
+                 "--schedule", "constant", "--alpha", "0.001", "--batch-norm", "unbiased",
+                 "--data-dir", DATA, "--no-progress", "--no-augment", "--out", str(out)]) == 0
+    m = metrics(out)
+    assert m[-1]["train_loss"] < m[0]["train_loss"]
+    assert all(x["train_sq_grad_norm"] > 0 and x["fisher_trace"] > 0 for x in m)
+    assert json.loads((out / "config.json").read_text())["batch_norm"] == "unbiased"
 
 
 def test_ddp_two_ranks_match_single_process(tmp_path):

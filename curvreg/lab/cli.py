@@ -36,6 +36,10 @@ FLAGS = [  # (flag, config field, type, help)
     ("--curvature-estimator", "curvature_estimator", str, "exact, probe or hybrid"),
     ("--num-probes", "num_probes", int, "probes per step for the probe estimators"),
     ("--probe-distribution", "probe_distribution", str, "rademacher, gaussian or kronecker"),
+    ("--batch-norm", "batch_norm", str, "training-mode BatchNorm in the penalty: unbiased (true "
+                                        "per-example norms, estimated) or frozen (statistics held)"),
+    ("--activation", "activation", str, f"one of {', '.join(CHOICES['activation'])}"),
+    ("--width", "width", float, "channel multiplier (allcnn, resnet*)"),
 ]
 BOOLS = [("augment", "random crop + flip"), ("nesterov", "Nesterov momentum"),
          ("bf16", "bf16 autocast on GPU"), ("download", "download the dataset if missing"),

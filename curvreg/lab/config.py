@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from .models import MODELS
+
 CHOICES = {
-    "model": ("fc512", "fc4096", "allcnn"),
+    "model": tuple(MODELS),
     "dataset": ("cifar10", "cifar100"),
     "activation": ("relu", "gelu", "tanh"),
     "schedule": ("constant", "step", "cosine"),
@@ -23,6 +25,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "curvature_estimator": ("exact", "probe", "hybrid"),
     "probe_distribution": ("rademacher", "gaussian", "kronecker"),
+    "batch_norm": ("unbiased", "frozen"),
 }
 
 
@@ -52,6 +55,7 @@ class TrainConfig:
     curvature_estimator: str = "exact"
     num_probes: int = 1
     probe_distribution: str = "rademacher"  # rademacher | gaussian | kronecker (see curvreg.probe)
+    batch_norm: str = "unbiased"       # training-mode BatchNorm in the penalty (curvreg.batchnorm)
     normalization: str = "standardize"
     zca_eps: float = 0.1
     augment: bool = False
@@ -75,6 +79,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "fc4096-cifar10": dict(model="fc4096", dataset="cifar10", **_FC),
     "allcnn-cifar10": dict(dataset="cifar10", **_CNN),
     "allcnn-cifar100": dict(dataset="cifar100", **_CNN),
+    # He et al. (2016), section 4.2: batch 128, lr 0.1, weight decay 1e-4, steps at 50% and 75%
+    "resnet20-cifar10": dict(model="resnet20", dataset="cifar10", lr=0.1, weight_decay=1e-4,
+                             alpha=5e-4, epochs=160, batch_size=128, augment=True, schedule="step",
+                             milestones=[80, 120], gamma=0.1),
+    "resnet18-cifar10": dict(model="resnet18", dataset="cifar10", lr=0.1, weight_decay=5e-4,
+                             alpha=5e-4, epochs=200, batch_size=128, augment=True, warmup_epochs=1.0),
 }
 
 

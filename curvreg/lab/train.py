@@ -82,6 +82,8 @@ def model_from_config(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     kw = dict(num_classes=num_classes, activation=cfg.activation)
     if cfg.model == "allcnn":
         kw.update(width=cfg.width, dropout=cfg.dropout)
+    elif cfg.model.startswith("resnet"):
+        kw.update(width=cfg.width)
     return build_model(cfg.model, **kw)
 
 
@@ -146,7 +148,8 @@ class Trainer:
             cfg = self.cfg
             with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
                                       num_probes=cfg.num_probes, generator=self.probe_gen,
-                                      distribution=cfg.probe_distribution) as tape, autocast:
+                                      distribution=cfg.probe_distribution,
+                                      batch_norm=cfg.batch_norm) as tape, autocast:
                 out = self.model(x)
             losses = F.cross_entropy(out.float(), y, reduction="none")
             sq = tape.per_example_sq_grad_norms(losses)
@@ -224,16 +227,13 @@ class Trainer:
         return {"loss": loss / n, "acc": correct / n}
 
     def fisher_trace(self) -> float:
-        """Empirical Fisher trace mean_i ||grad l_i||^2 on the first training examples."""
+        """Empirical Fisher trace mean_i ||grad l_i||^2 on the first training examples, in eval
+        mode (running BatchNorm statistics, no dropout): the model as it is evaluated."""
         n = min(self.cfg.fisher_eval_size, self.data.x_train.shape[0])
-        total = 0.0
-        for i in range(0, n, 256):
-            x, y = self.data.x_train[i:min(n, i + 256)], self.data.y_train[i:min(n, i + 256)]
-            with curvreg.GradNormTape(self.model) as tape:
-                out = self.model(x)
-            losses = F.cross_entropy(out.float(), y, reduction="none")
-            total += tape.per_example_sq_grad_norms(losses, create_graph=False).sum().item()
-        return total / n
+        batches = [(self.data.x_train[i:min(n, i + 256)], self.data.y_train[i:min(n, i + 256)])
+                   for i in range(0, n, 256)]
+        ce = lambda out, y: F.cross_entropy(out.float(), y, reduction="none")  # noqa: E731
+        return curvreg.empirical_fisher_trace(self.model, ce, batches, mode="eval")
 
     def run_epoch(self) -> dict:
         cfg, d = self.cfg, self.data
