@@ -31,20 +31,17 @@ parameter (the classifier's exact norms carry most of the value); hence the defa
 How, without re-running the model:
   * the statistics enter the normalization through a ``_Gate``: identity forward, and in the
     backward identity normally but zero during the tape's delta pass, so the one forward carries
-    both graphs: the true one (the training loss's gradient, the statistics' tangents) and the
-    frozen one (the deltas dF_i/dy, hence u_i);
-  * dF_i/ds_b is per example, from the frozen delta at the normalized output xhat_b:
-    with r = (var + eps)^(-1/2), dxhat/dmean = -r and dxhat/dvar = -xhat r^2 / 2;
-  * s' = J_s v by the double-backward trick: a = J_s^T w for a dummy w (one backward, graph
-    kept), then s' = d <a, v> / dw. Every step keeps its graph, so the estimate is
-    differentiable and its gradient is an unbiased estimate of grad mean_i ||g_i||^2.
+    both graphs: the true one (the training loss's gradient, g_i . v) and the frozen one (the
+    deltas dF_i/dy, hence u_i);
+  * g_i . v for all i at once is J v, J the Jacobian of the loss vector, by the double-backward
+    trick: a = J^T w for a dummy w (one backward, graph kept), then J v = d <a, v> / dw.
+    Every step keeps its graph, so the estimate is differentiable and its gradient is an
+    unbiased estimate of grad mean_i ||g_i||^2.
 
 The running statistics are updated by PyTorch's own kernel, once per taped forward, exactly as a
 plain forward updates them.
 """
 from __future__ import annotations
-
-from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,16 +73,6 @@ class _Gate(torch.autograd.Function):
         return (None if ctx.switch.frozen else grad), None
 
 
-class Record(NamedTuple):
-    """One BatchNorm normalization with batch statistics."""
-
-    xhat: Tensor        # [N, C, ...] normalized input (its gradient edge is a delta target)
-    mean: Tensor        # [1, C, 1...] batch mean, before the gate (true graph)
-    var: Tensor         # [1, C, 1...] biased batch variance, before the gate
-    rstd: Tensor        # (var + eps)^(-1/2), through the gate
-    upstream: frozenset  # ids of the parameters used before these statistics
-
-
 def _arg(args, kwargs, i, name, default=None):
     return args[i] if len(args) > i else kwargs.get(name, default)
 
@@ -95,8 +82,8 @@ def uses_batch_stats(args, kwargs) -> bool:
     return bool(_arg(args, kwargs, 5, "training", False)) or _arg(args, kwargs, 1, "running_mean") is None
 
 
-def normalize(args, kwargs, switch: Switch, upstream: frozenset):
-    """(xhat, weight, bias, Record) for an F.batch_norm call with batch statistics.
+def normalize(args, kwargs, switch: Switch):
+    """(xhat, weight, bias) for an F.batch_norm call with batch statistics.
 
     Updates the running statistics (when given and training) with PyTorch's kernel, as the
     plain call would. Call with torch functions disabled (inside the tape's mode)."""
@@ -118,30 +105,4 @@ def normalize(args, kwargs, switch: Switch, upstream: frozenset):
     var = x.var(dims, unbiased=False, keepdim=True)
     rstd = (_Gate.apply(var, switch) + eps).rsqrt()
     xhat = (x - _Gate.apply(mean, switch)) * rstd
-    return xhat, w, b, Record(xhat, mean, var, rstd, upstream)
-
-
-def stats_sensitivity(rec: Record, delta: Tensor):
-    """Per example, dF_i/dmean and dF_i/dvar of this normalization ([N, C] each), from the frozen
-    delta at xhat."""
-    dims = tuple(range(2, delta.dim()))
-    flat = (lambda t: t.sum(dims)) if dims else (lambda t: t)
-    r = rec.rstd.reshape(1, -1)
-    d_mean = -flat(delta) * r
-    d_var = -0.5 * flat(delta * rec.xhat) * r * r
-    return d_mean, d_var
-
-
-def correction_dots(records: List[Record], sens, mean_dots, var_dots) -> Optional[Tensor]:
-    """d_i = sum_b <dF_i/ds_b, s_b'> over the records, [N]."""
-    total = None
-    for (d_mean, d_var), m_dot, v_dot in zip(sens, mean_dots, var_dots):
-        part = None
-        if m_dot is not None:
-            part = (d_mean * m_dot.reshape(1, -1)).sum(1)
-        if v_dot is not None:
-            q = (d_var * v_dot.reshape(1, -1)).sum(1)
-            part = q if part is None else part + q
-        if part is not None:
-            total = part if total is None else total + part
-    return total
+    return xhat, w, b

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import batchnorm, fused, ops
-from .probe import LINEAR_IN_PARAMS, check_options, draw, hybrid_exact, local_tangents
+from .probe import LINEAR_IN_PARAMS, KronProbe, check_options, draw, hybrid_exact, local_tangents
 from .rules import LayerRule, fallback_grads, merge_rules, sq_from_grads
 
 
@@ -259,7 +259,8 @@ class GradNormTape:
         # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
         # until a broadcasting op meets them with the batch (see _broadcast)
         self._unbatched: Dict[int, tuple] = {}
-        self._bn: List[batchnorm.Record] = []  # normalizations with batch statistics
+        self._bn_reach: List[frozenset] = []  # per batch-statistics normalization: the ids of
+        # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
         self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
 
@@ -398,8 +399,8 @@ class GradNormTape:
         the normalization through gates, then its affine step recorded as an op call."""
         with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
             self._bn_inside.update(id(module) for module, _ in self._stack)
-            xhat, w, b, rec = batchnorm.normalize(args, kwargs, self._switch, frozenset(self._seen))
-            self._bn.append(rec)
+            xhat, w, b = batchnorm.normalize(args, kwargs, self._switch)
+            self._bn_reach.append(frozenset(self._seen))
             shell = ops.NormalizedAffine(w, b)
             out = shell(xhat)
             names = {k: id(t) for k, t in (("weight", w), ("bias", b))
@@ -469,18 +470,42 @@ class GradNormTape:
         calls = [c for c in self._calls if c.edges]
         for c in calls:
             c.check_versions()
-        expanded = [c for c in calls if c.origin is not None]
-        bn = [r for r in self._bn if r.upstream and r.xhat.requires_grad] if self.batch_norm == "unbiased" else []
-        outs = ([e for c in calls for e in c.edges] + [t for _, t in self._outside]
-                + [c.origin for c in expanded] + [r.xhat for r in bn])
-        if not outs:
+        # batch_norm="unbiased": the parameters the batch statistics may depend on (those used
+        # before the last statistics) are probed through the true graph, alone (bn_estimator
+        # "probe": calls with only such parameters need no delta) or around their exact frozen
+        # norms ("control_variate"); see curvreg.batchnorm
+        reach = set().union(*self._bn_reach) if self.batch_norm == "unbiased" else set()
+        exclude = reach if self.bn_estimator == "probe" else set()
+        probed = [c for c in calls if exclude and all(key in exclude for key in c.keys)]
+        calls = [c for c in calls if c not in probed]
+        if not (calls or self._outside or reach):
             raise ValueError("nothing to differentiate: the taped forward used no trainable "
                              "parameter; run the model's forward inside `with tape:`")
+        live = self._deltas(losses, calls, n, create_graph) if (calls or self._outside) else []
+        if not live and not reach:
+            raise ValueError("losses was not produced from the taped forward: it does not depend "
+                             "on any recorded module output")
+        with torch.set_grad_enabled(create_graph):
+            total = self._accumulate(live, n, exclude) if live else None
+        if reach:
+            est = self._bn_probe(losses, live, reach, n, create_graph)
+            total = est if total is None else total + est
+            for c in probed:
+                kinds = self.methods.get(c.path, "")
+                if "probe-bn" not in kinds.split("+"):
+                    self.methods[c.path] = f"{kinds}+probe-bn" if kinds else "probe-bn"
+        return total / (m * m)
+
+    def _deltas(self, losses: Tensor, calls: List[_Call], n: int, create_graph: bool) -> list:
+        """[(call, its output deltas)] for the calls reached by ``losses``, after the checks:
+        the delta pass (statistics held constant), parameters used outside modules, broadcast
+        position tables, the example dimension and the independence check."""
+        expanded = [c for c in calls if c.origin is not None]
+        outs = ([e for c in calls for e in c.edges] + [t for _, t in self._outside]
+                + [c.origin for c in expanded])
         with self._delta_pass():
             deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
                                               create_graph=create_graph, allow_unused=True))
-        bn_deltas = deltas[len(deltas) - len(bn):]
-        del deltas[len(deltas) - len(bn):]
         origin_deltas = deltas[len(deltas) - len(expanded):] if expanded else []
         del deltas[len(deltas) - len(expanded):]
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
@@ -502,27 +527,12 @@ class GradNormTape:
                     "per-example gradients of that use cannot be separated. Expand it to the "
                     "batch first (e.g. position_ids.expand(N, -1)).")
         live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
-        if not live:
-            raise ValueError("losses was not produced from the taped forward: it does not depend "
-                             "on any recorded module output")
         for c, d in live:
             for delta, dim in zip(d, c.dims):
                 if delta is not None:
                     _check_leading(c, delta, n, dim)
         self._check_independent(losses, live, n)
-        # under "unbiased", the parameters the batch statistics depend on (a superset: those used
-        # before the last statistics) are probed through the true graph instead (bn_estimator
-        # "probe"), or around their exact frozen norms ("control_variate")
-        reach = {key for r in bn for key in r.upstream}
-        probe_reach = reach if self.bn_estimator == "probe" else set()
-        with torch.set_grad_enabled(create_graph):
-            total = self._accumulate(live, n, probe_reach)
-        if reach:
-            corr = self._bn_correction(live, bn, bn_deltas, reach, n, create_graph)
-            if corr is not None:
-                corr = corr if create_graph else corr.detach()
-                total = corr if total is None else total + corr
-        return total / (m * m)
+        return live
 
     @contextmanager
     def _delta_pass(self):
@@ -717,47 +727,35 @@ class GradNormTape:
                 dot = part if dot is None else dot + part
         return dot
 
-    def _bn_correction(self, live, records, deltas, keys: set, n: int,
-                       create_graph: bool) -> Optional[Tensor]:
-        """The probed part of ``batch_norm="unbiased"`` over the parameters ``keys`` the batch
-        statistics may depend on, per group: (1/K) sum_k (G_k . v)^2 for ``bn_estimator="probe"``,
-        (1/K) sum_k [(G_k . v)^2 - (U_k . v)^2] for ``"control_variate"`` (see
-        ``curvreg.batchnorm``)."""
-        pairs = [(r, d) for r, d in zip(records, deltas) if d is not None]
-        order = [key for key in self._params if key in keys]
-        cv = self.bn_estimator == "control_variate"
-        records = [r for r, _ in pairs]
-        dummies = [t for r in records for t in (torch.zeros_like(r.mean, requires_grad=True),
-                                                torch.zeros_like(r.var, requires_grad=True))]
-        inner = sum((r.mean * dummies[2 * i]).sum() + (r.var * dummies[2 * i + 1]).sum()
-                    for i, r in enumerate(records))
-        # a = J_s^T w for the dummy w, graph kept: s' = J_s v = d <a, v> / dw (double backward)
-        a = (torch.autograd.grad(inner, [self._params[key][1] for key in order], create_graph=True,
-                                 allow_unused=True) if records else [None] * len(order))
+    def _bn_probe(self, losses: Tensor, live, reach: set, n: int, create_graph: bool) -> Tensor:
+        """The probed part of ``batch_norm="unbiased"``, per group, over the parameters ``reach``:
+        (1/K) sum_k (G_k . v_k)^2 (``bn_estimator="probe"``) or (1/K) sum_k [(G_k . v_k)^2 -
+        (U_k . v_k)^2] (``"control_variate"``), where G_k . v is a directional derivative of
+        the loss vector through the true graph, statistics included: with a dummy w,
+        a = J^T w (one backward, graph kept) and J v = d <a, v> / dw (double backward)."""
+        order = [key for key in self._params if key in reach]
+        w = torch.zeros_like(losses, requires_grad=True)
+        a = torch.autograd.grad(losses, [self._params[key][1] for key in order], w,
+                                create_graph=True, allow_unused=True)
         used = [(key, t) for key, t in zip(order, a) if t is not None]
-        if not used and cv:
-            return None  # the statistics do not depend on any trainable parameter
-        sens = [batchnorm.stats_sensitivity(r, d) for r, d in pairs]
-        work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in keys]) for c, d in live]
-        work = [w for w in work if w[2]]
-        est = None
+        cv = self.bn_estimator == "control_variate"
+        work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in reach]) for c, d in live]
+        work = [item for item in work if cv and item[2]]
+        est = torch.zeros(n // self.group_size, dtype=losses.dtype, device=losses.device)
         for _ in range(self.num_probes):
             vs = {key: draw(self._params[key][1], self.distribution, self.generator) for key in order}
-            dense = {key: v.dense() if hasattr(v, "dense") else v for key, v in vs.items()}
-            d = None
+            dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
             if used:
                 proj = sum((t * dense[key]).sum() for key, t in used)
-                dots = torch.autograd.grad(proj, dummies, create_graph=create_graph,
-                                           retain_graph=True, allow_unused=True)
-                d = batchnorm.correction_dots(records, sens, dots[0::2], dots[1::2])
-            u = self._probe_dot(work, vs, n)
-            if d is None and (cv or u is None):
-                continue
-            d = self._group_sum(d) if d is not None else 0.0
-            u = self._group_sum(u) if u is not None else 0.0
-            term = d * (2 * u + d) if cv else (u + d) * (u + d)
-            est = term if est is None else est + term
-        return None if est is None else est / self.num_probes
+                g = self._group_sum(torch.autograd.grad(proj, w, create_graph=create_graph,
+                                                        retain_graph=True)[0])
+                est = est + g * g
+            u = self._probe_dot(work, vs, n) if work else None
+            if u is not None:
+                u = self._group_sum(u)
+                est = est - u * u
+        est = est / self.num_probes
+        return est if create_graph else est.detach()
 
 
 _CHECKS = ("once", "always", "never")

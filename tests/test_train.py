@@ -157,3 +157,19 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
     for k in a:
         assert (a[k] - b[k]).norm() <= 1e-6 * a[k].norm(), k
+
+
+def test_every_config_field_has_a_flag_and_typos_get_a_suggestion(capsys):
+    import dataclasses
+    from curvreg.lab.cli import build_parser
+    from curvreg.lab.config import TrainConfig
+    args = build_parser().parse_args(["train", "--milestones", "3", "5", "--activation", "gelu",
+                                      "--no-augment", "--train-subset", "7", "--gnp-beta", "0.5"])
+    assert (args.milestones, args.activation, args.augment, args.train_subset, args.gnp_beta) == \
+        ([3, 5], "gelu", False, 7, 0.5)
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--epoch", "3"])  # no abbreviation: --epoch is not --epochs
+    assert e.value.code == 2 and "--epoch -> --epochs?" in capsys.readouterr().err

@@ -2,59 +2,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
-from .config import CHOICES, PRESETS, ConfigError, load_config_file
+from .config import CHOICES, HELP, PRESETS, ConfigError, TrainConfig, load_config_file
 from .data import DataError
 from .store import StoreError
 
-FLAGS = [  # (flag, config field, type, help)
-    ("--preset", "preset", str, f"named setting: {', '.join(PRESETS)}"),
-    ("--model", "model", str, f"one of {', '.join(CHOICES['model'])}"),
-    ("--dataset", "dataset", str, "cifar10 or cifar100"),
-    ("--epochs", "epochs", int, "number of epochs"),
-    ("--lr", "lr", float, "peak learning rate"),
-    ("--weight-decay", "weight_decay", float, "L2 coefficient (SGD weight_decay)"),
-    ("--alpha", "alpha", float, "curvature coefficient on mean_i ||grad l_i||^2"),
-    ("--alpha-warmup-epochs", "alpha_warmup_epochs", float, "linear warm-up of alpha"),
-    ("--seed", "seed", int, "random seed"),
-    ("--batch-size", "batch_size", int, "global batch size"),
-    ("--train-subset", "train_subset", int, "use the first N training examples"),
-    ("--val-size", "val_size", int, "held-out validation examples (default 5000)"),
-    ("--data-dir", "data_dir", str, "directory with cifar10.npz or the official archives "
-                                    "(default: $CURVREG_DATA, else ~/.cache/curvreg)"),
-    ("--device", "device", str, "cpu, cuda or auto"),
-    ("--method", "method", str, "sgd, sam or gnp"),
-    ("--rho", "rho", float, "SAM/GNP radius"),
-    ("--schedule", "schedule", str, "constant, step or cosine"),
-    ("--warmup-epochs", "warmup_epochs", float, "linear lr warm-up epochs"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--normalization", "normalization", str, "standardize, zca or none"),
-    ("--curvature-estimator", "curvature_estimator", str, "exact, probe or hybrid"),
-    ("--num-probes", "num_probes", int, "probes per step for the probe estimators"),
-    ("--probe-distribution", "probe_distribution", str, "rademacher, gaussian or kronecker"),
-    ("--batch-norm", "batch_norm", str, "training-mode BatchNorm in the penalty: unbiased (true "
-                                        "per-example norms, estimated) or frozen (statistics held)"),
-    ("--activation", "activation", str, f"one of {', '.join(CHOICES['activation'])}"),
-    ("--width", "width", float, "channel multiplier (allcnn, resnet*)"),
-]
-BOOLS = [("augment", "random crop + flip"), ("nesterov", "Nesterov momentum"),
-         ("bf16", "bf16 autocast on GPU"), ("download", "download the dataset if missing"),
-         ("coarse-labels", "CIFAR-100 coarse labels")]
+class _Parser(argparse.ArgumentParser):
+    """No abbreviations (``--epoch`` is not ``--epochs``); a misspelled flag gets a suggestion."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        bad = [w for w in message.replace(",", " ").split() if w.startswith("--")]
+        parsers = [self] + [sp for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                            for sp in a.choices.values()]
+        known = sorted({o for q in parsers for a in q._actions for o in a.option_strings})
+        hints = [f"{b} -> {close[0]}?" for b in bad
+                 for close in [difflib.get_close_matches(b.split("=")[0], known, n=1)] if close]
+        super().error(message + (f" (did you mean: {', '.join(hints)})" if hints else ""))
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from the dataclass, help from config.HELP."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        typ, text = hints[f.name], HELP[f.name]
+        choices = CHOICES.get(f.name) or (tuple(PRESETS) if f.name == "preset" else ())
+        if choices:
+            text += f" ({', '.join(map(str, choices))})"
+        flag = "--" + f.name.replace("_", "-")
+        args = typing.get_args(typ)
+        if typ is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=text)
+        elif typing.get_origin(typ) in (list, typing.List):
+            p.add_argument(flag, dest=f.name, type=args[0], nargs="*", default=None, help=text)
+        else:
+            base = next((a for a in args if a is not type(None)), typ) if args else typ
+            p.add_argument(flag, dest=f.name, type=base, default=None, help=text)
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train one model (curvature + L2 by default)",
                        description="Train a model; writes config.json, metrics.jsonl, "
                                    "summary.json and checkpoint.pt to --out.")
-    for flag, dest, typ, text in FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
-    for name, text in BOOLS:
-        p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
-                       default=None, help=text)
+    _config_flags(p)
     p.add_argument("--config", help="YAML or JSON file of config fields (flags override it)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<preset or model>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
@@ -100,11 +101,14 @@ def _sweep_parsers(sub) -> None:
     r.add_argument("--out", type=Path, help="output folder (default: report/ beside the store)")
     r.add_argument("--select-seed", type=int, help="choose each column's setting by this seed's "
                                                    "validation accuracy only (default: mean over seeds)")
+    r.add_argument("--study", choices=("paper", "regimes"), default="paper",
+                   help="paper: Tables 1-2 and Figures 1-2 (default); regimes: the regime table "
+                        "and figure of sweeps/make_regimes_spec.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="curvreg", description="Curvature regularization toolkit.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ap = _Parser(prog="curvreg", description="Curvature regularization toolkit.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _train_parser(sub)
     _sharpness_parser(sub)
     _sweep_parsers(sub)
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args) -> dict:
     values = load_config_file(args.config) if args.config else {}
-    names = [dest for _, dest, _, _ in FLAGS] + [n.replace("-", "_") for n, _ in BOOLS]
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
     values.update({k: getattr(args, k) for k in names if getattr(args, k) is not None})
     return values
 
@@ -163,6 +167,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if args.study == "regimes":
+        from .regime_report import make_regime_report
+        out = make_regime_report(args.src, args.out)
+        print(f"regime report in {out} (open {out / 'table.md'})")
+        return 0
     from .report import make_report
     out = make_report(args.src, args.out, args.select_seed)
     print(f"report in {out} (open {out / 'index.md'})")

@@ -71,6 +71,49 @@ class TrainConfig:
     download: bool = False
 
 
+HELP = {  # one line per field for ``curvreg train --help`` (choices are appended from CHOICES)
+    "preset": "named setting (its fields, then the other flags)",
+    "model": "model from the registry",
+    "dataset": "dataset",
+    "activation": "hidden activation",
+    "width": "channel multiplier (allcnn, resnet*)",
+    "dropout": "all-conv dropout after the stride-2 convs",
+    "epochs": "number of epochs",
+    "batch_size": "global batch size",
+    "lr": "peak learning rate",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 coefficient (SGD weight_decay)",
+    "alpha": "curvature coefficient on mean_i ||grad l_i||^2",
+    "alpha_warmup_epochs": "linear warm-up of alpha from 0",
+    "schedule": "learning-rate schedule",
+    "warmup_epochs": "linear lr warm-up epochs",
+    "milestones": "epochs at which the step schedule multiplies the lr by gamma",
+    "gamma": "step schedule factor",
+    "method": "optimizer wrapper: plain SGD, SAM (Foret et al.) or GNP (Zhao et al. 2022)",
+    "rho": "SAM/GNP radius",
+    "gnp_beta": "GNP mixing weight",
+    "curvature_estimator": "how the penalty is computed (see curvreg.probe)",
+    "num_probes": "probes per step for the probe estimators",
+    "probe_distribution": "probe distribution",
+    "batch_norm": "training-mode BatchNorm in the penalty: the true norms, estimated without bias, "
+                  "or the exact norms with the batch statistics held constant",
+    "normalization": "input normalization",
+    "zca_eps": "ZCA regularizer",
+    "augment": "random crop + flip",
+    "val_size": "held-out validation examples",
+    "split_seed": "seed of the train/validation split",
+    "train_subset": "use the first N training examples",
+    "coarse_labels": "CIFAR-100 coarse labels",
+    "fisher_eval_size": "training examples for the per-epoch Fisher trace",
+    "seed": "random seed",
+    "device": "device",
+    "bf16": "bf16 autocast on GPU",
+    "data_dir": "directory with cifar10.npz or the official archives (default: $CURVREG_DATA, "
+                "else ~/.cache/curvreg)",
+    "download": "download the dataset if missing",
+}
+
 _FC = dict(lr=0.02, weight_decay=5e-4, alpha=5e-4, epochs=20, batch_size=256)
 _CNN = dict(model="allcnn", lr=0.05, weight_decay=5e-4, alpha=5e-4, epochs=100, batch_size=256,
             augment=True, warmup_epochs=2.0)

@@ -1,0 +1,182 @@
+"""``curvreg report --study regimes``: the regime table and figure of the study in
+``sweeps/make_regimes_spec.py`` (when does curvature regularization help?).
+
+Reads only the sweep store. Writes into ``--out`` (``docs/regimes/`` for the committed study):
+    table.md       per regime (activation, batch size) and method (L2 only, curvature + L2,
+                   SAM + L2, GNP + L2): test accuracy of the selected configuration, mean +- std
+                   over its seeds, its final tr(F_bar), how much of the budget has run, and the
+                   paired per-seed difference to L2 only
+    selected.json  the selected configurations (input of ``make_regimes_spec.py --seeds-for``)
+    regimes.png    the same as a figure: test accuracy and final tr(F_bar) per regime
+Selection (fixed in the spec before any run): per regime and method, the configuration whose
+seed-0 run has the best final validation accuracy. The first line of table.md is a digest of
+the store's runs, so a test can tell whether the committed report was made from the committed
+store (and then regenerates it byte for byte).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .report import load, setting_key
+
+METHODS = ("L2 only", "curvature + L2", "SAM + L2", "GNP + L2")
+COLORS = {"L2 only": "#4c72b0", "curvature + L2": "#dd8452", "SAM + L2": "#55a868",
+          "GNP + L2": "#c44e52"}
+
+
+def method_label(cfg: dict) -> str:
+    if cfg.get("method", "sgd") == "sam":
+        return "SAM + L2"
+    if cfg.get("method", "sgd") == "gnp":
+        return "GNP + L2"
+    return "curvature + L2" if cfg["alpha"] > 0 else "L2 only"
+
+
+def regime_label(cfg: dict) -> str:
+    return f"{cfg['activation']}, batch {cfg['batch_size']}"
+
+
+def digest(runs: List[dict]) -> str:
+    """sha256 of every run's hash, status and summary: equal stores give equal reports."""
+    h = hashlib.sha256()
+    for r in sorted(runs, key=lambda r: r["hash"]):
+        h.update(json.dumps([r["hash"], r["status"], r["summary"]], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def select(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """{regime: {method: {...}}}: budget progress and the selected setting's seeds."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        groups[(regime_label(r["config"]), method_label(r["config"]))][setting_key(r["config"])].append(r)
+    out: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for (regime, method), settings in groups.items():
+        def seed0(members):
+            return next((m for m in members if m["config"]["seed"] == 0), None)
+        budget = [s for s in settings.values() if seed0(s) is not None]
+        done = [s for s in budget if seed0(s)["status"] == "done"]
+        entry = {"budget": len(budget), "done": len(done)}
+        if done:
+            best = max(done, key=lambda s: seed0(s)["summary"]["val_acc"])
+            finished = sorted((m for m in best if m["status"] == "done"), key=lambda m: m["config"]["seed"])
+            entry.update(config=seed0(best)["config"], val=seed0(best)["summary"]["val_acc"],
+                         seeds=[m["config"]["seed"] for m in finished],
+                         test=[m["summary"]["test_acc"] for m in finished],
+                         fisher=[m["summary"]["fisher_trace"] for m in finished])
+        out[regime][method] = entry
+    return out
+
+
+def _mean_sd(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
+    v = [scale * x for x in values]
+    sd = f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
+    return f"{statistics.mean(v):.{digits}f}{sd}"
+
+
+def paired_difference(entry: dict, base: dict) -> Optional[tuple]:
+    """(mean, standard error, n) of test-accuracy differences (points) over common seeds."""
+    a = dict(zip(entry.get("seeds", []), entry.get("test", [])))
+    b = dict(zip(base.get("seeds", []), base.get("test", [])))
+    d = [100 * (a[s] - b[s]) for s in sorted(set(a) & set(b))]
+    if len(d) < 2:
+        return None
+    return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5, len(d)
+
+
+def _regime_order(name: str) -> tuple:
+    act, batch = name.split(", batch ")
+    return int(batch), ("relu", "gelu").index(act) if act in ("relu", "gelu") else 2, act
+
+
+def table(selected, store_digest: str) -> str:
+    lines = [f"Store digest: `{store_digest}`", "",
+             "| regime | method | test acc (%) | seeds | final tr(F̄) | budget run | selected "
+             "configuration | Δ vs L2 only (points, paired) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for regime in sorted(selected, key=_regime_order):
+        cols = selected[regime]
+        for method in METHODS:
+            e = cols.get(method)
+            if e is None:
+                continue
+            budget = f"{e['done']}/{e['budget']}" + ("" if e["done"] == e["budget"] else " (provisional)")
+            if "test" not in e:
+                lines.append(f"| {regime} | {method} | – | 0 | – | {budget} | – | – |")
+                continue
+            c = e["config"]
+            knobs = [f"wd {c['weight_decay']:g}"]
+            if c["alpha"] > 0:
+                knobs.append(f"α {c['alpha']:g}")
+            if c.get("method", "sgd") != "sgd":
+                knobs.append(f"ρ {c['rho']:g}")
+            diff = paired_difference(e, cols.get("L2 only", {})) if method != "L2 only" else None
+            diff_text = f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else "–"
+            lines.append(f"| {regime} | {method} | {_mean_sd(e['test'], 100)} | {len(e['test'])} | "
+                         f"{_mean_sd(e['fisher'], 1.0, 3)} | {budget} | {', '.join(knobs)} | {diff_text} |")
+    lines += ["", "Test accuracy at the end of training (40 epochs), mean ± std over the seeds of "
+              "the selected configuration. Selection: per regime and method, the best seed-0 final "
+              "validation accuracy within the budget (4 configurations per method, fixed in "
+              "`sweeps/make_regimes_spec.py` before any run). Δ: mean ± standard error of the "
+              "per-seed differences to L2 only. tr(F̄) = mean_i ||∇ℓ_i||² on 1,024 training "
+              "examples at the end. \"provisional\": not all of the budget has run yet."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(selected, path: Path) -> None:
+    """Test accuracy (mean, std over seeds) and final tr(F_bar) of each regime's selections."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    regimes = sorted(selected, key=_regime_order)
+    fig, (ax_acc, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    offset = 0.15
+    for k, method in enumerate(METHODS):
+        xs, acc, sd, fish = [], [], [], []
+        for i, regime in enumerate(regimes):
+            e = selected[regime].get(method, {})
+            if "test" not in e:
+                continue
+            t = [100 * x for x in e["test"]]
+            xs.append(i + (k - 1.5) * offset)
+            acc.append(statistics.mean(t))
+            sd.append(statistics.stdev(t) if len(t) > 1 else 0.0)
+            fish.append(statistics.mean(e["fisher"]))
+        style = dict(color=COLORS[method], marker="os^D"[k], linestyle="none", label=method)
+        ax_acc.errorbar(xs, acc, yerr=sd, capsize=3, **style)
+        ax_f.plot(xs, fish, **style)
+    labels = [r.replace(", ", "\n") for r in regimes]
+    for ax in (ax_acc, ax_f):
+        ax.set_xticks(range(len(regimes)))
+        ax.set_xticklabels(labels)
+        ax.set_xlim(-0.5, len(regimes) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_title("selected configuration per method (bars: std over seeds)", fontsize=10)
+    ax_f.set_yscale("log")
+    ax_f.set_ylabel("final tr(F̄)")
+    ax_f.set_title("empirical Fisher trace at the end of training", fontsize=10)
+    ax_acc.legend(fontsize=8)
+    fig.suptitle("3×512 MLP on CIFAR-10, 40 epochs: when does the penalty help?")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def make_regime_report(src, out: Optional[Path] = None) -> Path:
+    db, runs, _ = load(src)
+    out = Path(out) if out else db.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if not any(r["status"] == "done" for r in runs):
+        raise ValueError(f"{db} has no finished run yet; nothing to report")
+    selected = select(runs)
+    (out / "table.md").write_text(table(selected, digest(runs)))
+    chosen = [e["config"] for regime in sorted(selected, key=_regime_order)
+              for m in METHODS for e in [selected[regime].get(m, {})] if "config" in e]
+    (out / "selected.json").write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    figure(selected, out / "regimes.png")
+    return out
