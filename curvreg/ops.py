@@ -4,7 +4,8 @@
 ``match(func, args, kwargs, params)`` looks at one call seen by the tape's TorchFunctionMode. When
 the call is a parameter-consuming op with a rule (F.linear, F.conv1d/2d/3d, F.embedding,
 F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.batch_norm with running statistics,
-or an elementwise scale/shift ``x * p`` / ``x + p`` by a broadcast parameter) it returns an
+an elementwise scale/shift ``x * p`` / ``x + p`` by a broadcast parameter, ``x @ W`` /
+``torch.addmm`` with a parameter W, or ``p.expand(N, ...)`` of a class token) it returns an
 ``OpUse``: a *shell*, a parameter-less stand-in module of the layer type whose rule applies
 (an ``nn.Linear`` holding the op's weight and bias, an ``nn.Conv2d`` with the op's stride and
 padding, ...), the op's data input, and the names of the trainable parameters the op consumed.
@@ -79,6 +80,45 @@ def _linear(args, kwargs, params):
         return None
     shell = _shell(nn.Linear, {"weight": w, "bias": b}, in_features=w.shape[1], out_features=w.shape[0])
     return OpUse("F.linear", shell, (x,), names, True)
+
+
+class TransposedLinear(nn.Module):
+    """Shell for ``x @ W`` / ``torch.addmm(b, x, W)`` with a parameter W of shape [in, out]
+    (GPT-2's Conv1D, hand-written ``x @ self.weight``): a Linear whose weight is stored
+    transposed. Same ghost norms as ``nn.Linear``; per-example gradients are transposed."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape
+
+    def forward(self, x):
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def _transposed(args, kwargs, params, x, w, b, op):
+    names = _names({"weight": w, "bias": b}, params)
+    if (not names or not _tracked(w, params) or not _data(x, params) or w.dim() != 2
+            or not isinstance(x, Tensor) or x.dim() < 1):
+        return None
+    if b is not None and (not isinstance(b, Tensor) or b.shape != w.shape[1:]):
+        return None
+    return OpUse(op, TransposedLinear(w, b), (x,), names, True)
+
+
+def _addmm(args, kwargs, params):
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) != 3:
+        return None
+    b, x, w = args
+    return _transposed(args, kwargs, params, x, w, b, "torch.addmm")
+
+
+def _matmul(args, kwargs, params):
+    if len(args) != 2 or kwargs:
+        return None
+    x, w = args
+    return _transposed(args, kwargs, params, x, w, None, "matmul")
 
 
 def _ntuple(v, n):
@@ -269,6 +309,23 @@ def _elementwise(kind):
     return match
 
 
+def _expand(args, kwargs, params):
+    """``p.expand(N, ...)`` of a parameter with a leading dim of 1 (class and register tokens):
+    a shift of nothing by p, so row i of the delta is example i's gradient."""
+    if not args or not _tracked(args[0], params):
+        return None
+    p, sizes = args[0], args[1:] or (kwargs.get("size"),)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = tuple(sizes[0])
+    try:
+        shape = p.expand(*sizes).shape
+    except (RuntimeError, TypeError):
+        return None
+    if p.dim() != len(shape) or p.dim() == 0 or p.shape[0] != 1 or shape[0] <= 1:
+        return None
+    return OpUse("expand", ElementwiseAffine("add", p, shape), (), ("weight",), False)
+
+
 MATCHERS = {
     F.linear: _linear,
     F.conv1d: _conv(1), F.conv2d: _conv(2), F.conv3d: _conv(3),
@@ -277,6 +334,9 @@ MATCHERS = {
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
     F.batch_norm: _batch_norm,
+    Tensor.expand: _expand,
+    torch.addmm: _addmm,
+    torch.matmul: _matmul, Tensor.matmul: _matmul, Tensor.__matmul__: _matmul,
     F.instance_norm: _instance_norm,
     **{f: _elementwise("mul") for f in _MUL},
     **{f: _elementwise("add") for f in _ADD},

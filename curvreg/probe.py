@@ -49,7 +49,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
-from .ops import ElementwiseAffine, NormalizedAffine
+from .ops import ElementwiseAffine, NormalizedAffine, TransposedLinear
 
 ESTIMATORS = ("exact", "probe", "hybrid")
 DISTRIBUTIONS = ("rademacher", "gaussian", "kronecker")
@@ -59,7 +59,7 @@ HYBRID_EXACT = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNo
                 nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                 nn.InstanceNorm3d, ElementwiseAffine, NormalizedAffine)
 # Layer types whose output is linear in (all of) their parameters, given the inputs.
-LINEAR_IN_PARAMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + HYBRID_EXACT
+LINEAR_IN_PARAMS = (nn.Linear, TransposedLinear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + HYBRID_EXACT
 
 
 def check_options(estimator: str, num_probes, distribution: str) -> None:
@@ -74,7 +74,7 @@ def check_options(estimator: str, num_probes, distribution: str) -> None:
 def hybrid_exact(module: nn.Module, inputs) -> bool:
     """Whether ``hybrid`` computes this call exactly: cheap ghost norms (2-D Linear, Embedding,
     norm layers); everything else (convolutions, sequence Linear, fallback modules) is probed."""
-    if type(module) is nn.Linear:
+    if type(module) in (nn.Linear, TransposedLinear):
         return bool(inputs) and isinstance(inputs[0], Tensor) and inputs[0].dim() == 2
     return type(module) in HYBRID_EXACT
 
@@ -149,7 +149,10 @@ def _linear_tangent(module: nn.Module, args: tuple, kwargs: dict, vs: Dict[str, 
                                     vs.get("bias"))
     if isinstance(module, ElementwiseAffine):
         v = vs["weight"]
-        return args[0] * v if module.kind == "mul" else v.expand(args[0].shape)
+        return args[0] * v if module.kind == "mul" else v.expand(module.other_shape)
+    if isinstance(module, TransposedLinear):
+        t = args[0] @ vs.get("weight", torch.zeros_like(module.weight))
+        return t + vs["bias"] if "bias" in vs else t
     if isinstance(module, NormalizedAffine):  # its weight may be a constant, not a parameter
         xhat, shape = args[0], (1, -1) + (1,) * (args[0].dim() - 2)
         t = xhat * vs["weight"].view(shape) if "weight" in vs else torch.zeros_like(xhat)

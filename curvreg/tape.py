@@ -112,7 +112,8 @@ class _UsageMode(TorchFunctionMode):
             raise ValueError(f"{refused[0]} in module '{tape._where()}' has no second derivative "
                              "in PyTorch, so a penalty on gradients through it cannot be trained. "
                              f"Use {refused[1]} instead.")
-        if func is F.batch_norm and batchnorm.uses_batch_stats(args, kwargs):
+        if (func is F.batch_norm and batchnorm.uses_batch_stats(args, kwargs)
+                and tape._over_examples(args[0] if args else kwargs.get("input"))):
             if tape.batch_norm:
                 return tape._batch_stats_norm(args, kwargs)
             if any(isinstance(t, Tensor) and t.requires_grad for t in _flat((args, kwargs))):
@@ -394,6 +395,16 @@ class GradNormTape:
     def _where(self) -> str:
         return _path(self._paths, self._stack[-1][0]) if self._stack else "<outside modules>"
 
+    def _over_examples(self, x) -> bool:
+        """Whether a batch-statistics normalization of ``x`` is over the examples: not a
+        normalization of a parameter's view (weight standardization, as timm's StdConv2d), and
+        the leading dim is the batch."""
+        if not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
+            return False
+        if isinstance(x._base, nn.Parameter):
+            return False
+        return self._n is None or x.dim() == 0 or x.shape[0] == self._n
+
     def _batch_stats_norm(self, args, kwargs):
         """F.batch_norm with batch statistics under ``batch_norm=...`` (``curvreg.batchnorm``):
         the normalization through gates, then its affine step recorded as an op call."""
@@ -431,6 +442,8 @@ class GradNormTape:
                     self._unbatched[id(out)] = (call, out)
             covered = set(names.values())
             used = [a for a in used if id(a) not in covered]
+        if used and not any(t.requires_grad for t in _float_tensors(out)):
+            return  # no gradient flows through it: p.dtype, p.shape, p.size(), a comparison...
         for a in used:
             self._attribute(module, a, out)
 
@@ -485,7 +498,9 @@ class GradNormTape:
         if not live and not reach:
             raise ValueError("losses was not produced from the taped forward: it does not depend "
                              "on any recorded module output")
-        with torch.set_grad_enabled(create_graph):
+        # mixed precision: the rules' arithmetic (squares and sums over positions) runs in
+        # float32 on inputs and deltas promoted from bf16/fp16, outside autocast
+        with torch.set_grad_enabled(create_graph), torch.autocast(losses.device.type, enabled=False):
             total = self._accumulate(live, n, exclude) if live else None
         if reach:
             est = self._bn_probe(losses, live, reach, n, create_graph)
@@ -527,6 +542,8 @@ class GradNormTape:
                     "per-example gradients of that use cannot be separated. Expand it to the "
                     "batch first (e.g. position_ids.expand(N, -1)).")
         live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
+        if not live:
+            return live
         for c, d in live:
             for delta, dim in zip(d, c.dims):
                 if delta is not None:
@@ -663,7 +680,7 @@ class GradNormTape:
             multi = [k for k, key in zip(names, keys) if owners[key] > 1]
             rule = self._rule(c)
             if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
-                args, delta = _example_view(c, d[0], n)
+                args, delta = _promote(*_example_view(c, d[0], n))
                 if single:
                     sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, m)
                     total = sq if total is None else total + sq
@@ -723,7 +740,7 @@ class GradNormTape:
             for t, delta, dim in zip(tangents, d, c.dims):
                 if delta is None:
                     continue
-                part = (delta * t).movedim(dim, 0).reshape(n, -1).sum(1)
+                part = (_promote_one(delta) * _promote_one(t)).movedim(dim, 0).reshape(n, -1).sum(1)
                 dot = part if dot is None else dot + part
         return dot
 
@@ -786,6 +803,18 @@ def _example_view(c: _Call, delta: Tensor, n: Optional[int]):
     x = c.args[0]
     return ((x.reshape(n, k, *x.shape[1:]),) + tuple(c.args[1:]),
             delta.reshape(n, k, *delta.shape[1:]))
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _promote_one(t):
+    return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
+
+
+def _promote(args: tuple, delta: Tensor):
+    """(args, delta) with bf16/fp16 tensors as float32 (the mixed-precision policy)."""
+    return tuple(_promote_one(a) for a in args), _promote_one(delta)
 
 
 def _op_params(args, kwargs):

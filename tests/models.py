@@ -102,6 +102,21 @@ class Attn(nn.Module):
         return self.head(a.mean(1))
 
 
+class TransposedWeights(nn.Module):
+    """Weights stored [in, out] and applied as ``torch.addmm(b, x, W)`` (GPT-2's Conv1D, on
+    examples merged with positions) and ``x @ W`` (on [N, T, d])."""
+
+    def __init__(self, d_in=3, d=4, classes=3):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(d_in, d) / 2), nn.Parameter(torch.randn(d) / 4)
+        self.w2 = nn.Parameter(torch.randn(d, classes) / 2)
+
+    def forward(self, x):  # [N, T, d_in]
+        n, t, _ = x.shape
+        h = torch.tanh(torch.addmm(self.b1, x.reshape(-1, x.shape[-1]), self.w1)).view(n, t, -1)
+        return (h @ self.w2).mean(1)
+
+
 def _seq(*layers):
     return nn.Sequential(*layers)
 
@@ -184,6 +199,7 @@ CASES = {
                                 seq(2, 3)),
     "fallback_prelu_subclass": (lambda: _seq(nn.Linear(5, 4), nn.PReLU(4), nn.Linear(4, 3)), vec()),
     "fallback_attention": (Attn, seq(3, 3)),
+    "transposed_weights": (TransposedWeights, seq(3, 3)),
 }
 
 FALLBACK_CASES = {"fallback_custom", "fallback_prelu_subclass", "fallback_attention"}

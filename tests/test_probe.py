@@ -12,7 +12,7 @@ import curvreg
 from models import build, ce
 
 MODELS = ["mlp", "conv2d_stride_pad", "layernorm_groupnorm", "tied_embedding", "fallback_custom",
-          "fallback_attention"]
+          "fallback_attention", "transposed_weights"]
 
 
 def estimate(model, x, y, seed, create_graph=False, **kw):

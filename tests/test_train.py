@@ -173,3 +173,36 @@ def test_every_config_field_has_a_flag_and_typos_get_a_suggestion(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--epoch", "3"])  # no abbreviation: --epoch is not --epochs
     assert e.value.code == 2 and "--epoch -> --epochs?" in capsys.readouterr().err
+
+
+def test_derived_seeds_never_collide():
+    """Shuffle seeds (per epoch) and probe seeds (per rank) are distinct streams; the former
+    affine formulas made epoch 17's shuffle seed equal to rank 0's probe seed."""
+    seeds = [train_mod.derived_seed(s, stream, k) for s in range(10)
+             for stream in train_mod.STREAMS for k in range(300)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2 ** 63 for x in seeds)
+    assert train_mod.derived_seed(0, "shuffle", 17) != train_mod.derived_seed(0, "probes", 0)
+
+
+def test_bf16_on_cpu_trains_with_the_penalty(tmp_path):
+    """--bf16 is honoured on the CPU (autocast), not silently ignored."""
+    calls = []
+    real = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kw):
+        calls.append((device_type, dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    import unittest.mock
+    with unittest.mock.patch.object(train_mod.torch, "autocast", spy):
+        s = train_mod.train({**QUICK, "epochs": 1, "bf16": True, "device": "cpu"}, tmp_path / "r",
+                            progress=False)
+    assert s["status"] == "done" and ("cpu", torch.bfloat16, True) in calls
+    assert metrics(tmp_path / "r")[0]["train_sq_grad_norm"] > 0
+
+
+def test_cuda_without_a_gpu_is_a_bad_argument(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r"), "--data-dir", DATA]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -108,7 +108,7 @@ HELP = {  # one line per field for ``curvreg train --help`` (choices are appende
     "fisher_eval_size": "training examples for the per-epoch Fisher trace",
     "seed": "random seed",
     "device": "device",
-    "bf16": "bf16 autocast on GPU",
+    "bf16": "bf16 autocast (CPU or GPU; the penalty's rule arithmetic stays float32)",
     "data_dir": "directory with cifar10.npz or the official archives (default: $CURVREG_DATA, "
                 "else ~/.cache/curvreg)",
     "download": "download the dataset if missing",

@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available; use cpu or auto")
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use cpu or auto")
     return torch.device(name)
 
 
@@ -75,6 +75,18 @@ def _git_commit() -> Optional[str]:
 
 def _write_json(path: Path, obj) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+STREAMS = ("shuffle", "probes")  # the random streams a run draws from, besides torch's global one
+
+
+def derived_seed(seed: int, stream: str, index: int) -> int:
+    """Independent 63-bit seed of ``stream``'s ``index``-th generator (an epoch, a rank) for a
+    run seeded ``seed``, from numpy's SeedSequence: distinct (seed, stream, index) never share
+    a seed, unlike affine formulas such as seed * K + epoch."""
+    import numpy as np
+    words = np.random.SeedSequence([seed, STREAMS.index(stream), index]).generate_state(2)
+    return int((int(words[0]) << 32 | int(words[1])) >> 1)
 
 
 def model_from_config(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
@@ -112,7 +124,8 @@ class Trainer:
         self.epoch, self.history = 0, []
         # Probe draws for estimator probe/hybrid; separate from the data RNG so that switching
         # estimator leaves the data order unchanged.
-        self.probe_gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + 17 + self.rank)
+        self.probe_gen = torch.Generator(device=self.device).manual_seed(
+            derived_seed(cfg.seed, "probes", self.rank))
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -143,7 +156,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _objective(self, x, y, alpha: float):
         """(objective, losses, sq or None, logits) on this rank's slice."""
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.bf16 and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
         if alpha > 0:
             cfg = self.cfg
             with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
@@ -237,7 +250,7 @@ class Trainer:
 
     def run_epoch(self) -> dict:
         cfg, d = self.cfg, self.data
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "shuffle", self.epoch))
         steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
         sums = torch.zeros(4, device=self.device)
         start = time.perf_counter()

@@ -11,14 +11,14 @@ from typing import Dict, Mapping, Optional
 
 from torch import nn
 
-from ..ops import ElementwiseAffine, NormalizedAffine
+from ..ops import ElementwiseAffine, NormalizedAffine, TransposedLinear
 
 from ._base import LayerRule, fold_groups, sq_from_grads, sum_groups
 from .conv import CONV_RULE
 from .elementwise import ELEMENTWISE_RULE
 from .embedding import EMBEDDING_RULE
 from .fallback import fallback_grads
-from .linear import LINEAR_RULE
+from .linear import LINEAR_RULE, TRANSPOSED_LINEAR_RULE
 from .norm import (BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE, NORMALIZED_AFFINE_RULE,
                    RMS_NORM_RULE)
 
@@ -33,6 +33,7 @@ def default_rules() -> Dict[type, LayerRule]:
         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)}
     return {
         nn.Linear: LINEAR_RULE,
+        TransposedLinear: TRANSPOSED_LINEAR_RULE,
         nn.Conv1d: CONV_RULE, nn.Conv2d: CONV_RULE, nn.Conv3d: CONV_RULE,
         nn.Embedding: EMBEDDING_RULE,
         nn.LayerNorm: LAYER_NORM_RULE,

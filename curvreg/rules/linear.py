@@ -61,3 +61,14 @@ def linear_grads(layer: nn.Linear, inputs: Sequence, grad_output: Tensor,
 
 
 LINEAR_RULE = LayerRule(grads=linear_grads, sq_norms=linear_sq_norms)
+
+
+def transposed_linear_grads(layer, inputs: Sequence, grad_output: Tensor,
+                            names: Sequence[str], group: int) -> Dict[str, Tensor]:
+    grads = linear_grads(layer, inputs, grad_output, names, group)
+    if "weight" in grads:
+        grads["weight"] = grads["weight"].transpose(1, 2)  # [G, d_in, d_out], as the parameter
+    return grads
+
+
+TRANSPOSED_LINEAR_RULE = LayerRule(grads=transposed_linear_grads, sq_norms=linear_sq_norms)

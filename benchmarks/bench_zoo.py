@@ -1,0 +1,118 @@
+"""Real architectures: exact regularized step / plain step, measured side by side in one process
+(float32), and which method the tape used for each recorded layer.
+
+Models (random init, CPU-sized inputs): torchvision ResNet-18 (BatchNorm in eval mode) and
+ConvNeXt-Tiny at 64x64, timm ViT-Tiny (192 wide, 12 blocks, 3 heads) on 32x32 with 4x4
+patches, and a GPT-2-small-shaped classifier (12 layers, 768 wide, 12 heads, T = 128).
+Targets: transformers <= 2.5x, ResNet / ConvNeXt <= 4x, no layer on the per-example loop.
+Usage:
+    python benchmarks/bench_zoo.py [--rounds 3] [--models resnet18 vit_tiny gpt2_small convnext_tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import curvreg
+from bench_step import ALPHA
+
+TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5}
+
+
+def resnet18():
+    import torchvision
+    return torchvision.models.resnet18(num_classes=10).eval(), torch.randn(16, 3, 64, 64), 10
+
+
+def convnext_tiny():
+    import torchvision
+    return torchvision.models.convnext_tiny(num_classes=10), torch.randn(8, 3, 64, 64), 10
+
+
+def vit_tiny():
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                              num_classes=10)
+    return model, torch.randn(16, 3, 32, 32), 10
+
+
+def gpt2_small():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=128, vocab_size=50257,
+                     num_labels=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2ForSequenceClassification(cfg)
+    model.config.use_cache = False
+    return model, torch.randint(1, 50257, (2, 128)), 2
+
+
+MODELS = {"resnet18": resnet18, "vit_tiny": vit_tiny, "gpt2_small": gpt2_small,
+          "convnext_tiny": convnext_tiny}
+
+
+def logits(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def plain_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(logits(model, x), y).backward()
+    opt.step()
+
+
+def exact_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    with curvreg.GradNormTape(model) as tape:
+        out = logits(model, x)
+    losses = F.cross_entropy(out, y, reduction="none")
+    sq = tape.per_example_sq_grad_norms(losses)
+    (losses.mean() + ALPHA * sq.mean()).backward()
+    opt.step()
+    return tape.methods
+
+
+def bench(name, rounds):
+    torch.manual_seed(0)
+    model, x, classes = MODELS[name]()
+    y = torch.randint(0, classes, (x.shape[0],))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)  # reported in the table instead
+        methods = exact_step(model, opt, x, y)  # warm-up; records the methods
+    plain_step(model, opt, x, y)
+    times = {"plain": [], "exact": []}
+    for _ in range(rounds):
+        for k, f in (("plain", plain_step), ("exact", exact_step)):
+            t = time.perf_counter()
+            f(model, opt, x, y)
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    kinds = Counter(methods.values())
+    fallback = sorted(p for p, m in methods.items() if "fallback" in m)
+    return med, kinds, fallback, list(x.shape)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, alpha={ALPHA}")
+    print("| model | input | plain step (ms) | exact step | target | layers by method | on the loop |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        med, kinds, fallback, shape = bench(name, args.rounds)
+        ratio = med["exact"] / med["plain"]
+        by = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        print(f"| {name} | {shape} | {med['plain'] * 1e3:.0f} | {ratio:.2f}x | "
+              f"<= {TARGETS[name]}x | {by} | {', '.join(fallback) or 'none'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
