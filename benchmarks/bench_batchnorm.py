@@ -14,15 +14,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import curvreg
-from bench_step import ALPHA, plain_step, sam_step
+from bench_step import ALPHA, medians, plain_step, sam_step
 from curvreg.lab.models import build_model
 
 SETTINGS = {"resnet20": 128, "resnet18": 32}
@@ -48,15 +46,7 @@ def time_steps(name, rounds):
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     steps = {"plain": plain_step, "frozen": tape_step("frozen"), "probe": tape_step("unbiased"),
              "cv": tape_step("unbiased", "control_variate"), "sam": sam_step}
-    times = {k: [] for k in steps}
-    for f in steps.values():  # warm-up
-        f(model, opt, x, y)
-    for _ in range(rounds):
-        for k, f in steps.items():  # interleaved
-            t = time.perf_counter()
-            f(model, opt, x, y)
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(steps, (model, opt, x, y), rounds)
     return {k: med[k] / med["plain"] for k in med}, med["plain"]
 
 

@@ -85,16 +85,23 @@ def bench(name, rounds):
         print(f"  {name}: skipping vmap(grad): needs ~{vmap_bytes(model, batch) / 1e9:.0f} GB "
               f"of per-example gradients (> {budget / 1e9:.0f} GB)")
         del steps["vmap"]
-    times = {k: [] for k in steps}
-    for k, f in steps.items():  # warm-up
-        f(model, opt, x, y)
-    for _ in range(rounds):
-        for k, f in steps.items():  # interleaved
-            t = time.perf_counter()
-            f(model, opt, x, y)
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians(steps, (model, opt, x, y), rounds)
     return {k: med[k] / med["plain"] for k in med}, med["plain"]
+
+
+def medians(steps, args, rounds: int, warmup: bool = True) -> dict:
+    """Median seconds of each step function over ``rounds`` interleaved rounds (after one
+    warm-up call each), so that every ratio compares steps measured side by side."""
+    times = {k: [] for k in steps}
+    if warmup:
+        for f in steps.values():
+            f(*args)
+    for _ in range(rounds):
+        for k, f in steps.items():
+            t = time.perf_counter()
+            f(*args)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():

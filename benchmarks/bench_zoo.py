@@ -11,8 +11,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from collections import Counter
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import curvreg
-from bench_step import ALPHA
+from bench_step import ALPHA, medians
 
 TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5}
 
@@ -86,13 +84,8 @@ def bench(name, rounds):
         warnings.simplefilter("ignore", curvreg.FallbackWarning)  # reported in the table instead
         methods = exact_step(model, opt, x, y)  # warm-up; records the methods
     plain_step(model, opt, x, y)
-    times = {"plain": [], "exact": []}
-    for _ in range(rounds):
-        for k, f in (("plain", plain_step), ("exact", exact_step)):
-            t = time.perf_counter()
-            f(model, opt, x, y)
-            times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = medians({"plain": plain_step, "exact": exact_step}, (model, opt, x, y), rounds,
+                  warmup=False)
     kinds = Counter(methods.values())
     fallback = sorted(p for p, m in methods.items() if "fallback" in m)
     return med, kinds, fallback, list(x.shape)

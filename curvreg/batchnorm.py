@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 MODES = ("frozen", "unbiased")
 ESTIMATORS = ("probe", "control_variate")  # how "unbiased" covers the statistics' reach

@@ -202,8 +202,6 @@ CASES = {
     "transposed_weights": (TransposedWeights, seq(3, 3)),
 }
 
-FALLBACK_CASES = {"fallback_custom", "fallback_prelu_subclass", "fallback_attention"}
-
 
 def build(case: str, n: int, seed: int = 0):
     """Model (float64), inputs and integer targets for ``case``."""

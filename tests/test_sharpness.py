@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from curvreg.lab import train as train_mod
 from curvreg.lab.cli import main

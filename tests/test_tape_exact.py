@@ -7,7 +7,7 @@ import torch
 import curvreg
 from curvreg.reference import loop_sq_grad_norms, vmap_sq_grad_norms
 
-from models import CASES, FALLBACK_CASES, build, ce, node_names
+from models import CASES, build, ce, node_names
 
 
 def rel_err(a, b):
