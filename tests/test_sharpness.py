@@ -57,3 +57,33 @@ def test_cli_errors(run, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["sharpness", str(run), "--probes", "1"]) == 2
     assert "--probes must be >= 2" in capsys.readouterr().err
+
+
+def test_batch_statistics_option_on_a_resnet(tmp_path, capsys):
+    """--batch-norm unbiased: BatchNorm with each batch's statistics, tr(F_bar) with an error bar
+    that covers the true value (autograd on each loss entry, per batch)."""
+    import torch
+    out = tmp_path / "resnet"
+    train_mod.train(dict(preset="resnet20-cifar10", width=0.25, train_subset=128, val_size=100,
+                         batch_size=64, epochs=1, alpha=0.0, augment=False, data_dir=DATA,
+                         fisher_eval_size=64), out, progress=False)
+    args = ["sharpness", str(out), "--subset", "48", "--batch-size", "24", "--probes", "4",
+            "--fisher-samples", "3", "--eigs", "1", "--device", "cpu", "--batch-norm", "unbiased"]
+    assert main(args) == 0
+    assert "unbiased estimate" in capsys.readouterr().out
+    res = json.loads((out / "sharpness.json").read_text())
+    assert res["batch_norm"] == "unbiased" and res["fisher_trace"]["labels"] == "sample"
+    _, model, data, _ = load_run(out, "cpu", DATA)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    true = []
+    for i in (0, 24):
+        losses = ce(model(data.x_train[i:i + 24]), data.y_train[i:i + 24])
+        true += [sum(g.pow(2).sum() for g in torch.autograd.grad(losses[k], params, retain_graph=True))
+                 for k in range(24)]
+    value, se = res["empirical_fisher_trace"], res["empirical_fisher_trace_stderr"]
+    assert se > 0 and abs(value - torch.stack(true).mean().item()) < 4.5 * se
+    assert main(args + ["--fisher-labels", "all"]) == 2

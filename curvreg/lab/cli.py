@@ -79,6 +79,9 @@ def _sharpness_parser(sub) -> None:
     p.add_argument("--fisher-samples", type=int, default=16, help="label draws for tr(F) when "
                                                                   "sampling (default 16)")
     p.add_argument("--eigs", type=int, default=3, help="top Hessian eigenvalues (default 3)")
+    p.add_argument("--batch-norm", choices=("frozen", "unbiased"),
+                   help="measure with BatchNorm normalizing by each batch's statistics (training "
+                        "mode) instead of its running ones; see GradNormTape(batch_norm=...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, help="output file (default RUN_DIR/sharpness.json)")
@@ -149,10 +152,10 @@ def cmd_sharpness(args) -> int:
     res = run_sharpness(args.run, data_dir=args.data_dir, subset=args.subset,
                         batch_size=args.batch_size, probes=args.probes,
                         fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,
-                        eigs=args.eigs, seed=args.seed,
+                        eigs=args.eigs, seed=args.seed, batch_norm=args.batch_norm,
                         device=args.device, out=args.out, progress=progress)
     print(f"{res['model']} on {res['num_examples']} {res['dataset']} training examples, "
-          f"epoch {res['epoch']}, eval mode")
+          f"epoch {res['epoch']}, {res['mode']}")
     print(table(res))
     print(f"written to {res['written_to']}")
     return 0

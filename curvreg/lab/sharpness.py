@@ -1,7 +1,9 @@
 """``curvreg sharpness``: Hessian and Fisher traces of a saved run, with error bars.
 
 All quantities refer to the mean cross-entropy L = mean_i l_i over the first ``subset`` examples
-of the run's training split (same normalization, no augmentation), with the model in eval mode:
+of the run's training split (same normalization, no augmentation), with the model in eval mode
+(``--batch-norm frozen|unbiased``: its BatchNorms normalize with each batch's statistics
+instead, and tr(F_bar) carries a standard error under ``unbiased``):
 
     tr(H)      Hutchinson over exact HVPs, +- standard error over probes
     tr(F_bar)  exact mean_i ||grad l_i||^2 (the curvature penalty R)
@@ -61,11 +63,16 @@ def _ratio(a, sa, b, sb) -> dict:
 
 def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs: int = 3,
             eig_tol: float = 1e-3, seed: int = 0, progress: bool = False,
-            fisher_labels: str = "auto") -> dict:
-    """All sharpness quantities of ``model`` (put in eval mode for the duration) on ``batches``."""
+            fisher_labels: str = "auto", batch_norm: Optional[str] = None) -> dict:
+    """All sharpness quantities of ``model`` (put in eval mode for the duration; with
+    ``batch_norm``, its BatchNorms in training mode) on ``batches``."""
     gen = lambda k: torch.Generator().manual_seed(seed * 7919 + k)  # noqa: E731
     out, start = {}, time.perf_counter()
     with curvreg.model_mode(model, "eval"):
+        if batch_norm is not None:
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.train()
         params = [p for p in model.parameters() if p.requires_grad]
         dim = sum(p.numel() for p in params)
         bar = _bar(probes, "hessian trace", progress)
@@ -77,13 +84,18 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
         h = curvreg.hutchinson_trace(None, dim, probes, generator=gen(1), dtype=params[0].dtype,
                                      device=params[0].device, quadratic=quadratic)
         bar.close()
-        fbar = curvreg.empirical_fisher_trace(model, ce, batches)
+        fbar = curvreg.empirical_fisher_trace(model, ce, batches, batch_norm=batch_norm,
+                                              generator=gen(4))
+        fbar_se = getattr(fbar, "stderr", 0.0)
+        fbar = float(fbar)
+        if fisher_labels == "auto" and batch_norm == "unbiased":
+            fisher_labels = "sample"  # the exact label sum has no error bar for the probes
         if fisher_labels == "auto":
             with torch.no_grad():
                 classes = model(batches[0][0][:1]).shape[1]
             fisher_labels = "all" if classes <= 10 else "sample"
         fish = curvreg.fisher_trace(model, batches, num_samples=fisher_samples, generator=gen(2),
-                                    labels=fisher_labels)
+                                    labels=fisher_labels, batch_norm=batch_norm)
         top = curvreg.top_hessian_eigenvalues(model, ce, batches, k=eigs, tol=eig_tol,
                                               max_iter=200, generator=gen(3))
         with torch.no_grad():
@@ -94,12 +106,13 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
         "loss": sum(ce(o, y).sum().item() for o, y in logits) / n,
         "accuracy": sum((o.argmax(1) == y).sum().item() for o, y in logits) / n,
         "hessian_trace": {"value": h.value, "stderr": h.stderr, "num_probes": h.num_probes},
-        "empirical_fisher_trace": fbar,
+        "empirical_fisher_trace": fbar, "empirical_fisher_trace_stderr": fbar_se,
+        "batch_norm": batch_norm or "eval",
         "fisher_trace": {"value": fish.value, "stderr": fish.stderr, "labels": fisher_labels,
                          "num_samples" if fisher_labels == "sample" else "num_classes": fish.num_probes},
         "top_eigenvalues": top.eigenvalues, "eigen_residuals": top.residuals,
         "eigen_iterations": top.iterations, "eigen_converged": top.converged,
-        "ratios": {"empirical_fisher/hessian": _ratio(fbar, 0.0, h.value, h.stderr),
+        "ratios": {"empirical_fisher/hessian": _ratio(fbar, fbar_se, h.value, h.stderr),
                    "fisher/hessian": _ratio(fish.value, fish.stderr, h.value, h.stderr)},
     })
     out["seconds"] = time.perf_counter() - start
@@ -109,7 +122,10 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
 def table(res: dict) -> str:
     h, f, r = res["hessian_trace"], res["fisher_trace"], res["ratios"]
     rows = [("tr(H)", f"{h['value']:.5g} +- {h['stderr']:.2g}  ({h['num_probes']} probes)"),
-            ("tr(F_bar) (exact)", f"{res['empirical_fisher_trace']:.5g}"),
+            ("tr(F_bar)", f"{res['empirical_fisher_trace']:.5g} +- "
+                          f"{res['empirical_fisher_trace_stderr']:.2g} (unbiased estimate)"
+             if res.get("empirical_fisher_trace_stderr") else
+             f"{res['empirical_fisher_trace']:.5g} (exact)"),
             ("tr(F)", f"{f['value']:.5g} +- {f['stderr']:.2g}  ({f['num_samples']} label draws)"
              if f["labels"] == "sample" else f"{f['value']:.5g} (exact sum over {f['num_classes']} labels)"),
             ("top eigenvalues", ", ".join(f"{e:.5g}" for e in res["top_eigenvalues"])),
@@ -123,8 +139,13 @@ def table(res: dict) -> str:
 def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 512,
                   probes: int = 100, fisher_samples: int = 16, eigs: int = 3, seed: int = 0,
                   device: str = "auto", out: Optional[Path] = None, progress: bool = False,
-                  fisher_labels: str = "auto") -> dict:
+                  fisher_labels: str = "auto", batch_norm: Optional[str] = None) -> dict:
     """Evaluate a saved run and write ``sharpness.json`` (into the run directory by default)."""
+    if batch_norm not in (None, "frozen", "unbiased"):
+        raise ConfigError(f"--batch-norm must be frozen or unbiased, got {batch_norm!r}")
+    if batch_norm == "unbiased" and fisher_labels == "all":
+        raise ConfigError("--fisher-labels all is exact and has no error bar; with --batch-norm "
+                          "unbiased use sample (or auto)")
     for name, value, low in (("--subset", subset, 1), ("--batch-size", batch_size, 1),
                              ("--probes", probes, 2), ("--fisher-samples", fisher_samples, 2),
                              ("--eigs", eigs, 1)):
@@ -137,10 +158,12 @@ def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 
     batches = [(data.x_train[i:min(n, i + batch_size)], data.y_train[i:min(n, i + batch_size)])
                for i in range(0, n, batch_size)]
     res = {"source": str(path), "epoch": epoch, "num_examples": n, "split": "train",
-           "mode": "eval", "seed": seed, "model": cfg.model, "dataset": cfg.dataset,
+           "mode": "eval" if batch_norm is None else "eval, BatchNorm with batch statistics",
+           "seed": seed, "model": cfg.model, "dataset": cfg.dataset,
            "alpha": cfg.alpha, "weight_decay": cfg.weight_decay}
     res.update(measure(model, batches, probes=probes, fisher_samples=fisher_samples, eigs=eigs,
-                       seed=seed, progress=progress, fisher_labels=fisher_labels))
+                       seed=seed, progress=progress, fisher_labels=fisher_labels,
+                       batch_norm=batch_norm))
     path = Path(path)
     target = Path(out) if out else (path.parent if path.is_file() else path) / "sharpness.json"
     target.parent.mkdir(parents=True, exist_ok=True)
