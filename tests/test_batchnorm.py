@@ -365,3 +365,31 @@ def test_fisher_diagnostics_accept_batch_statistics():
         curvreg.fisher_trace(model, [(x, y)], labels="all", mode="train", batch_norm="unbiased")
     for a, b in zip(model.buffers(), before):  # running statistics untouched by a measurement
         assert torch.equal(a, b)
+
+
+def _sync_bn_worker(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), nn.SyncBatchNorm(4), nn.Linear(4, 2))
+        try:
+            with curvreg.GradNormTape(model, batch_norm="unbiased"):
+                model(torch.randn(4, 3))
+            msg = "no error"
+        except ValueError as e:
+            msg = str(e)
+        (out / f"rank{rank}.txt").write_text(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batch_norm_across_processes_is_refused(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_bn_worker, args=(2, port, tmp_path), nprocs=2)
+    for rank in range(2):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "module '1' (SyncBatchNorm)" in msg and "across processes" in msg
