@@ -37,6 +37,7 @@ class OpUse(NamedTuple):
     inputs: tuple           # the op's data input(s), as a module call's positional args
     names: Tuple[str, ...]  # trainable parameters consumed, as named on the shell
     position_wise: bool     # leading dim may merge examples with positions
+    owners: Optional[dict] = None  # name -> Parameter, where the shell holds a view of it
 
 
 def _shell(cls, params: Dict[str, Optional[Tensor]], **attrs) -> nn.Module:
@@ -292,20 +293,25 @@ def _broadcast_ok(p: Tensor, x: Tensor) -> bool:
 
 
 def _elementwise(kind):
-    def match(args, kwargs, params):
+    def match(args, kwargs, params, views=None):
         if len(args) != 2 or (kind == "add" and kwargs.get("alpha", 1) != 1) or (kwargs and kind == "mul"):
             return None
         a, b = args
-        if _tracked(a, params) and _data(b, params):
+        views = views or {}
+        tracked = lambda t: _tracked(t, params) or (isinstance(t, Tensor) and id(t) in views)  # noqa: E731
+        if tracked(a) and _data(b, params) and not tracked(b):
             p, x = a, b
-        elif _tracked(b, params) and _data(a, params):
+        elif tracked(b) and _data(a, params) and not tracked(a):
             p, x = b, a
         else:
             return None
         if not _broadcast_ok(p, x) or not x.is_floating_point():
             return None
         shell = ElementwiseAffine(kind, p, x.shape)
-        return OpUse(f"elementwise {kind}", shell, (x,), ("weight",), True)
+        if id(p) in views:  # a reshaped view of a parameter: the rule reads the view's shape
+            shell._parameters["weight"] = p
+        return OpUse(f"elementwise {kind}", shell, (x,), ("weight",), True,
+                     {"weight": views[id(p)]} if id(p) in views else None)
     return match
 
 
@@ -326,6 +332,8 @@ def _expand(args, kwargs, params):
     return OpUse("expand", ElementwiseAffine("add", p, shape), (), ("weight",), False)
 
 
+_ELEMENTWISE = _MUL | _ADD
+
 MATCHERS = {
     F.linear: _linear,
     F.conv1d: _conv(1), F.conv2d: _conv(2), F.conv3d: _conv(3),
@@ -343,10 +351,22 @@ MATCHERS = {
 }
 
 
-def match(func, args, kwargs, params) -> Optional[OpUse]:
-    """The ``OpUse`` for this call, or None when no op rule covers it."""
+# order-preserving reshapes: a parameter's view through one of these is the parameter itself,
+# reshaped, for the elementwise rules (timm ConvNeXt's ``x * gamma.reshape(1, -1, 1, 1)``)
+VIEWS = frozenset({Tensor.reshape, torch.reshape, Tensor.view, Tensor.view_as, Tensor.reshape_as,
+                   Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze, torch.squeeze,
+                   Tensor.flatten, torch.flatten})
+
+
+def match(func, args, kwargs, params, views=None) -> Optional[OpUse]:
+    """The ``OpUse`` for this call, or None when no op rule covers it. ``views``: id of a
+    recorded reshaped view -> its Parameter (used by the elementwise rules)."""
     m = MATCHERS.get(func)
-    return m(args, kwargs or {}, params) if m is not None else None
+    if m is None:
+        return None
+    if views and func in _ELEMENTWISE:
+        return m(args, kwargs or {}, params, views)
+    return m(args, kwargs or {}, params)
 
 
 # op -> what to use instead. PyTorch has no derivative for these ops' backward, so a penalty

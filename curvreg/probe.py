@@ -148,7 +148,7 @@ def _linear_tangent(module: nn.Module, args: tuple, kwargs: dict, vs: Dict[str, 
         return module._conv_forward(args[0], vs.get("weight", torch.zeros_like(module.weight)),
                                     vs.get("bias"))
     if isinstance(module, ElementwiseAffine):
-        v = vs["weight"]
+        v = vs["weight"].reshape(module.weight.shape)  # the shell may hold a reshaped view
         return args[0] * v if module.kind == "mul" else v.expand(module.other_shape)
     if isinstance(module, TransposedLinear):
         t = args[0] @ vs.get("weight", torch.zeros_like(module.weight))

@@ -264,6 +264,10 @@ class GradNormTape:
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
         self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
+        # id of a reshaped view of a parameter (ops.VIEWS) -> (view, Parameter): consumed by an
+        # elementwise rule as the parameter itself, otherwise a use of the parameter
+        self._views: Dict[int, tuple] = {}
+        self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
 
     def __enter__(self) -> "GradNormTape":
         if self._mode is not None:
@@ -351,6 +355,12 @@ class GradNormTape:
         # fallback and the probes' generic jvp re-run the module and compare with them.
         by_rule = type(module) in self._module_rules and (self.estimator == "exact"
                                                           or type(module) in LINEAR_IN_PARAMS)
+        if not by_rule and any((id(module), key) in self._view_covered for key in used.values()):
+            raise ValueError(
+                f"module '{_path(self._paths, module)}' ({type(module).__name__}) uses a parameter "
+                "both through a reshaped view consumed by an elementwise rule and in an op no "
+                "rule covers; the per-example loop cannot separate the two. Use the parameter "
+                "in one form (e.g. store it in the shape it is applied in).")
         if not by_rule and id(module) in self._bn_inside:
             raise ValueError(
                 f"module '{_path(self._paths, module)}' ({type(module).__name__}) uses parameters "
@@ -424,16 +434,24 @@ class GradNormTape:
 
     def _on_op(self, func, args, kwargs, out):
         used = [a for a in _op_params(args, kwargs) if id(a) in self._params]
+        views = {id(t): entry[1] for t in _op_tensors(args, kwargs)
+                 for entry in [self._views.get(id(t))] if entry is not None and entry[0] is t}
+        if (func in ops.VIEWS and len(used) == 1 and not views and args and args[0] is used[0]
+                and isinstance(out, Tensor)):
+            self._views[id(out)] = (out, used[0])  # attributed where the view is consumed
+            return
+        used += [p for p in views.values() if all(p is not a for a in used)]
         if not used:
             return
         self._seen.update(id(a) for a in used)
         module = self._stack[-1][0] if self._stack else None
         use = None
         if module is None or type(module) not in self._module_rules:
-            use = ops.match(func, args, kwargs, self._params)
+            use = ops.match(func, args, kwargs, self._params, views)
         if use is not None:  # an op rule covers these parameters (see also _covered)
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
-                names = {k: id(use.shell._parameters[k]) for k in use.names}
+                names = {k: id((use.owners or {}).get(k, use.shell._parameters[k])) for k in use.names}
+                self._view_covered.update((id(module), id(p)) for p in (use.owners or {}).values())
                 call = _Call(use.shell, self._where(), use.inputs, None, out, names,
                              True, op=use.op, position_wise=use.position_wise)
                 self._calls.append(call)
@@ -695,7 +713,8 @@ class GradNormTape:
                 grads = {k: v for k, v in grads.items() if k not in single}
             for k, key in zip(names, keys):
                 if k in grads:
-                    shared[key] = grads[k] if key not in shared else shared[key] + grads[k]
+                    g = grads[k].reshape(grads[k].shape[0], -1)  # views share a parameter's key
+                    shared[key] = g if key not in shared else shared[key] + g
         if shared:
             sq = sq_from_grads(shared)
             total = sq if total is None else total + sq
@@ -815,6 +834,15 @@ def _promote_one(t):
 def _promote(args: tuple, delta: Tensor):
     """(args, delta) with bf16/fp16 tensors as float32 (the mixed-precision policy)."""
     return tuple(_promote_one(a) for a in args), _promote_one(delta)
+
+
+def _op_tensors(args, kwargs):
+    """Plain (non-Parameter) tensors among an op's arguments, one level into lists/tuples."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, Tensor) and not isinstance(b, nn.Parameter))
 
 
 def _op_params(args, kwargs):

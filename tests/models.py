@@ -117,6 +117,19 @@ class TransposedWeights(nn.Module):
         return (h @ self.w2).mean(1)
 
 
+class ViewScale(nn.Module):
+    """A per-channel parameter applied through reshaped views (timm ConvNeXt's layer scale
+    ``x.mul(gamma.reshape(1, -1, 1, 1))``), twice: as a scale and as a shift."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1)) + self.gamma.view(1, -1, 1, 1)
+
+
 def _seq(*layers):
     return nn.Sequential(*layers)
 
@@ -200,6 +213,7 @@ CASES = {
     "fallback_prelu_subclass": (lambda: _seq(nn.Linear(5, 4), nn.PReLU(4), nn.Linear(4, 3)), vec()),
     "fallback_attention": (Attn, seq(3, 3)),
     "transposed_weights": (TransposedWeights, seq(3, 3)),
+    "parameter_views": (lambda: _seq(ViewScale(), nn.Tanh(), Pool(), nn.Linear(4, 3)), img()),
 }
 
 

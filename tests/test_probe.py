@@ -12,7 +12,7 @@ import curvreg
 from models import build, ce
 
 MODELS = ["mlp", "conv2d_stride_pad", "layernorm_groupnorm", "tied_embedding", "fallback_custom",
-          "fallback_attention", "transposed_weights"]
+          "fallback_attention", "transposed_weights", "parameter_views"]
 
 
 def estimate(model, x, y, seed, create_graph=False, **kw):

@@ -355,3 +355,21 @@ def test_custom_rule_extends_mapping_and_override_guard():
 def test_non_module_rejected():
     with pytest.raises(TypeError, match="nn.Module"):
         curvreg.GradNormTape(lambda x: x)
+
+
+class _ViewAndOther(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):  # the same parameter through a covered view and an uncovered op
+        return self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1)) * self.gamma.exp().sum()
+
+
+def test_parameter_view_and_uncovered_use_in_one_module_refused():
+    model = nn.Sequential(_ViewAndOther(), nn.Flatten(), nn.Linear(4 * 36, 3)).double()
+    with pytest.raises(ValueError, match=r"module '0' \(_ViewAndOther\) uses a parameter both "
+                                         r"through a reshaped view"):
+        with curvreg.GradNormTape(model):
+            model(torch.randn(2, 3, 8, 8, dtype=torch.double))

@@ -206,3 +206,17 @@ def test_cuda_without_a_gpu_is_a_bad_argument(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r"), "--data-dir", DATA]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_resume_with_more_epochs(tmp_path, capsys):
+    """Extending a constant-schedule run updates config.json; a cosine run is refused (its
+    learning rate would jump)."""
+    const = {**QUICK, "epochs": 1, "schedule": "constant", "alpha": 0.0}
+    train_mod.train(const, tmp_path / "c", progress=False)
+    assert main(["train", "--resume", str(tmp_path / "c"), "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["epochs"] == 2
+    assert len(metrics(tmp_path / "c")) == 2
+    train_mod.train({**const, "schedule": "cosine"}, tmp_path / "k", progress=False)
+    assert main(["train", "--resume", str(tmp_path / "k"), "--epochs", "2"]) == 2
+    assert "cosine" in capsys.readouterr().err
+    assert json.loads((tmp_path / "k" / "config.json").read_text())["epochs"] == 1

@@ -32,7 +32,6 @@ FALLBACK = {
     "tv_swin": {"features.1.0.attn", "features.3.0.attn"},             # relative position bias
     "nn_transformer_encoder": {"0.layers.0.self_attn"},                 # MHA (one opaque op)
     "nn_lstm": {"gru", "rnn"},                                          # recurrent cells
-    "timm_convnext": {f"stages.{k}.blocks.0" for k in range(4)},        # x * gamma.reshape(...)
     "timm_scaled_std_conv": {"0", "2"},                                 # weight standardization
     "timm_resnetv2_bit": None,                                          # every StdConv2d (17)
 }

@@ -56,6 +56,7 @@ class TrainConfig:
     num_probes: int = 1
     probe_distribution: str = "rademacher"  # rademacher | gaussian | kronecker (see curvreg.probe)
     batch_norm: str = "unbiased"       # training-mode BatchNorm in the penalty (curvreg.batchnorm)
+    group_size: int = 1                # m: penalty on the gradient norms of groups of m examples
     normalization: str = "standardize"
     zca_eps: float = 0.1
     augment: bool = False
@@ -96,6 +97,8 @@ HELP = {  # one line per field for ``curvreg train --help`` (choices are appende
     "curvature_estimator": "how the penalty is computed (see curvreg.probe)",
     "num_probes": "probes per step for the probe estimators",
     "probe_distribution": "probe distribution",
+    "group_size": "penalize the squared gradient norm of each group of m consecutive examples "
+                  "(1: per example, the paper's; the batch size: the full-batch gradient norm)",
     "batch_norm": "training-mode BatchNorm in the penalty: the true norms, estimated without bias, "
                   "or the exact norms with the batch statistics held constant",
     "normalization": "input normalization",
@@ -162,7 +165,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if f.name in CHOICES and getattr(cfg, f.name) not in CHOICES[f.name]:
             raise ConfigError(f"field '{f.name}' must be one of {list(CHOICES[f.name])}, got "
                               f"{getattr(cfg, f.name)!r}")
-    positive = ("epochs", "batch_size", "num_probes", "fisher_eval_size")
+    positive = ("epochs", "batch_size", "num_probes", "fisher_eval_size", "group_size")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"field '{name}' must be >= 1, got {getattr(cfg, name)}")
@@ -172,6 +175,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"field '{name}' must be >= 0, got {getattr(cfg, name)}")
     if cfg.preset is not None and cfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
+    if cfg.batch_size % cfg.group_size:
+        raise ConfigError(f"field 'group_size' ({cfg.group_size}) must divide batch_size "
+                          f"({cfg.batch_size})")
     return cfg
 
 

@@ -42,7 +42,7 @@ SPEC_KEYS = ("base", "grid", "extra", "max_attempts")
 NOT_HASHED = ("data_dir", "download")  # where the data lives does not change a result
 # Config fields added after sweep stores were committed. At their default they are left out of
 # the hash, so every committed store and run directory keeps its hash.
-HASHED_UNLESS_DEFAULT = {"probe_distribution": "rademacher"}
+HASHED_UNLESS_DEFAULT = {"probe_distribution": "rademacher", "batch_norm": "unbiased", "group_size": 1}
 
 
 # ------------------------------------------------------------------------ spec

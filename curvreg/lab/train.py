@@ -162,7 +162,8 @@ class Trainer:
             with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
                                       num_probes=cfg.num_probes, generator=self.probe_gen,
                                       distribution=cfg.probe_distribution,
-                                      batch_norm=cfg.batch_norm) as tape, autocast:
+                                      batch_norm=cfg.batch_norm,
+                                      group_size=cfg.group_size) as tape, autocast:
                 out = self.model(x)
             losses = F.cross_entropy(out.float(), y, reduction="none")
             sq = tape.per_example_sq_grad_norms(losses)
@@ -360,8 +361,14 @@ def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int]
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json; is it a curvreg run directory?")
     values = json.loads((run_dir / "config.json").read_text())
-    if epochs is not None:
+    if epochs is not None and epochs != values["epochs"]:
+        if values.get("schedule") == "cosine":
+            raise ConfigError(f"--epochs {epochs} on resume would re-stretch this run's cosine "
+                              f"schedule (set for {values['epochs']} epochs) and make the learning "
+                              "rate jump; only constant and step schedules can be extended. Start "
+                              "a new run instead.")
         values["epochs"] = epochs
+        _write_json(run_dir / "config.json", dataclasses.asdict(make_config(values)))
     trainer = Trainer(make_config(values), run_dir, progress)
     if (run_dir / "checkpoint.pt").is_file():
         trainer.load_checkpoint()
