@@ -78,7 +78,7 @@ def test_alpha_zero_is_plain_sgd(tmp_path):
     ref = train_mod.build_model("fc512", num_classes=10)
     ref.load_state_dict(trainer.model.state_dict())
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(train_mod.derived_seed(0, "shuffle", 0))
     for x, y in epoch_batches(trainer.data.x_train, trainer.data.y_train, 128, gen):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(ref(x), y).backward()
