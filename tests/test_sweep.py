@@ -140,14 +140,28 @@ def test_sweep_resumes_skips_done_and_adds_new_points(tmp_path, capsys):
 
 
 @needs_data
-def test_failed_runs_are_retried_up_to_the_limit(tmp_path):
+@needs_data
+def test_failed_runs_are_retried_up_to_the_limit(tmp_path, capsys):
     s = spec(tmp_path, "{lr: [0.05]}", extra="max_attempts: 2\n")
-    s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, data_dir: /nonexistent"))
+    s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, val_size: 60000"))
     db = tmp_path / "f.db"
-    assert main(["sweep", str(s), "--db", str(db), "--threads", "1"]) == 1
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1", "--no-progress"]) == 1
     r, = runs_by_hash(db)[0].values()
     assert r["status"] == "failed" and r["attempts"] == 2
-    assert "/nonexistent" in r["error"]
+    last = r["error"].strip().splitlines()[-1]
+    assert last in capsys.readouterr().out  # each failure line says why
+    assert main(["report", str(db)]) == 2  # no finished run: an error, not an empty table
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_missing_data_is_one_clear_error_before_any_run(tmp_path, capsys):
+    s = spec(tmp_path, "{lr: [0.05, 0.1]}")
+    s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, data_dir: /nonexistent"))
+    db = tmp_path / "m.db"
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "/nonexistent" in err and not db.exists()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
 @needs_data

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .report import load, setting_key
+from .store import StoreError
 
 METHODS = ("L2 only", "curvature + L2", "SAM + L2", "GNP + L2")
 COLORS = {"L2 only": "#4c72b0", "curvature + L2": "#dd8452", "SAM + L2": "#55a868",
@@ -172,7 +173,7 @@ def make_regime_report(src, out: Optional[Path] = None) -> Path:
     out = Path(out) if out else db.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     if not any(r["status"] == "done" for r in runs):
-        raise ValueError(f"{db} has no finished run yet; nothing to report")
+        raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
     selected = select(runs)
     (out / "table.md").write_text(table(selected, digest(runs)))
     chosen = [e["config"] for regime in sorted(selected, key=_regime_order)

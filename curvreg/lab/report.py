@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .store import Store
+from .store import Store, StoreError
 from .sweep import identity
 
 COLUMNS = ("no reg", "L2 only", "curvature only", "curvature + L2")
@@ -238,6 +238,8 @@ def curves_figure(cols: Dict[str, dict], curves, title: str, path: Path) -> None
 # ------------------------------------------------------------------------ entry
 def make_report(src, out: Optional[Path] = None, select_seed: Optional[int] = None) -> Path:
     db, runs, curves = load(src)
+    if not any(r["status"] == "done" for r in runs):
+        raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
     out = Path(out) if out else db.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     selected = select(runs, select_seed)

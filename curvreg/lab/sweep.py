@@ -331,6 +331,7 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
         raise ConfigError(f"--backend must be 'local' or 'ray', got {backend!r}")
     spec = load_spec(spec_path)
     points = expand(spec)
+    check_data(points)
     db = Path(db) if db else default_db(spec_path)
     runs_dir = db.parent / "runs"
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -353,6 +354,15 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
     finally:
         store.release_driver()
         store.close()
+
+
+def check_data(points: List[dict]) -> None:
+    """Load each dataset the points need once, before any run: a missing or corrupt dataset is
+    one clear error (DataError, exit 2) instead of every point failing max_attempts times."""
+    from .data import load_arrays
+    for name, data_dir, download in sorted({(c["dataset"], c.get("data_dir"), bool(c.get("download")))
+                                            for c in points}, key=str):
+        load_arrays(name, data_dir, download_ok=download)
 
 
 def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -> None:
@@ -393,9 +403,11 @@ def _drive(store: Store, runner, hashes, max_attempts, progress, poll_seconds) -
                 bar.set_postfix(best_val=f"{best:.4f}" if best is not None else "-")
             else:
                 c = store.counts(hashes)
+                why = (out.get("error") or "").strip().splitlines()[-1:] if out["status"] == "failed" else []
                 print(f"[{settled(c)}/{len(hashes)}] {h} {out['status']}"
                       + (f" val_acc {acc:.4f}" if acc is not None else "")
-                      + (f" (best {best:.4f})" if best is not None else ""), flush=True)
+                      + (f" (best {best:.4f})" if best is not None else "")
+                      + (f": {why[0][:300]}" if why else ""), flush=True)
         stats["driver_busy"] += time.perf_counter() - busy
         time.sleep(poll_seconds)
     bar.close()
