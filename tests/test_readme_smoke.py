@@ -22,3 +22,10 @@ def test_readme_main_command(tmp_path):
     assert f"results in {out}" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["config"]["alpha"] > 0
+
+
+def test_quickstart_example_runs(capsys):
+    import runpy
+    ns = runpy.run_path(str(ROOT / "examples" / "quickstart.py"))
+    ns["main"](steps=1)
+    assert "step 0: loss" in capsys.readouterr().out
