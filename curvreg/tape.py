@@ -107,8 +107,7 @@ class _UsageMode(TorchFunctionMode):
         if not tape._recording:
             return func(*args, **kwargs)
         refused = ops.NO_DOUBLE_BACKWARD.get(func)
-        if refused is not None and any(isinstance(t, Tensor) and t.requires_grad
-                                       for t in _flat((args, kwargs))):
+        if refused is not None and _needs_grad(args, kwargs):
             raise ValueError(f"{refused[0]} in module '{tape._where()}' has no second derivative "
                              "in PyTorch, so a penalty on gradients through it cannot be trained. "
                              f"Use {refused[1]} instead.")
@@ -116,7 +115,7 @@ class _UsageMode(TorchFunctionMode):
                 and tape._over_examples(args[0] if args else kwargs.get("input"))):
             if tape.batch_norm:
                 return tape._batch_stats_norm(args, kwargs)
-            if any(isinstance(t, Tensor) and t.requires_grad for t in _flat((args, kwargs))):
+            if _needs_grad(args, kwargs):
                 raise ValueError(_mixing_message(
                     tape._where(), "F.batch_norm", "normalizes with the statistics of the batch, so "
                     "each loss depends on the other examples"))
@@ -140,6 +139,11 @@ def _flat(obj) -> list:
     if isinstance(obj, tuple) and all(isinstance(a, Tensor) for a in obj):
         return list(obj)
     return tree_flatten(obj)[0]
+
+
+def _needs_grad(args, kwargs) -> bool:
+    """Whether any tensor argument of an op requires grad."""
+    return any(isinstance(t, Tensor) and t.requires_grad for t in _flat((args, kwargs)))
 
 
 def _float_tensors(obj) -> List[Tensor]:
@@ -264,9 +268,11 @@ class GradNormTape:
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
         self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
-        # id of a reshaped view of a parameter (ops.VIEWS) -> (view, Parameter): consumed by an
-        # elementwise rule as the parameter itself, otherwise a use of the parameter
+        # id of a reshaped view of a parameter (ops.VIEWS) -> (view, Parameter, module that made
+        # it): consumed by an elementwise rule as the parameter itself, otherwise a use of the
+        # parameter (see _on_op, _post_hook and the view check in _deltas)
         self._views: Dict[int, tuple] = {}
+        self._view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
 
     def __enter__(self) -> "GradNormTape":
@@ -345,6 +351,12 @@ class GradNormTape:
     def _post_hook(self, module, args, kwargs, output):
         if not self._recording or not self._stack or self._stack[-1][0] is not module:
             return
+        with torch._C.DisableTorchFunction():
+            for vid, (view, param, maker) in list(self._views.items()):
+                if maker is module and vid not in self._view_calls:
+                    # no rule consumed this view: the view op was an ordinary use by ``module``
+                    self._attribute(module, param, view)
+                    del self._views[vid]
         _, used = self._stack.pop()
         if used:
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
@@ -437,8 +449,8 @@ class GradNormTape:
         views = {id(t): entry[1] for t in _op_tensors(args, kwargs)
                  for entry in [self._views.get(id(t))] if entry is not None and entry[0] is t}
         if (func in ops.VIEWS and len(used) == 1 and not views and args and args[0] is used[0]
-                and isinstance(out, Tensor)):
-            self._views[id(out)] = (out, used[0])  # attributed where the view is consumed
+                and isinstance(out, Tensor) and self._stack):
+            self._views[id(out)] = (out, used[0], self._stack[-1][0])  # see _post_hook
             return
         used += [p for p in views.values() if all(p is not a for a in used)]
         if not used:
@@ -454,6 +466,8 @@ class GradNormTape:
                 self._view_covered.update((id(module), id(p)) for p in (use.owners or {}).values())
                 call = _Call(use.shell, self._where(), use.inputs, None, out, names,
                              True, op=use.op, position_wise=use.position_wise)
+                for k in (use.owners or {}):
+                    self._view_calls.setdefault(id(use.shell._parameters[k]), []).append(call)
                 self._calls.append(call)
                 if (isinstance(out, Tensor) and self._n is not None and self._n > 1
                         and (out.dim() == 0 or out.shape[0] != self._n)):
@@ -534,11 +548,15 @@ class GradNormTape:
         the delta pass (statistics held constant), parameters used outside modules, broadcast
         position tables, the example dimension and the independence check."""
         expanded = [c for c in calls if c.origin is not None]
+        views = [self._views[vid][0] for vid in self._view_calls
+                 if vid in self._views and self._views[vid][0].requires_grad]
         outs = ([e for c in calls for e in c.edges] + [t for _, t in self._outside]
-                + [c.origin for c in expanded])
+                + [c.origin for c in expanded] + views)
         with self._delta_pass():
             deltas = list(torch.autograd.grad(losses.sum(), outs, retain_graph=True,
                                               create_graph=create_graph, allow_unused=True))
+        view_deltas = deltas[len(deltas) - len(views):]
+        del deltas[len(deltas) - len(views):]
         origin_deltas = deltas[len(deltas) - len(expanded):] if expanded else []
         del deltas[len(deltas) - len(expanded):]
         for (name, _), d in zip(self._outside, deltas[len(deltas) - len(self._outside):]):
@@ -559,6 +577,7 @@ class GradNormTape:
                     "other than the broadcasting sum or product that met it with the batch; "
                     "per-example gradients of that use cannot be separated. Expand it to the "
                     "batch first (e.g. position_ids.expand(N, -1)).")
+        self._check_views(views, view_deltas, by_call, n)
         live = [(c, d) for c, d in zip(calls, per_call) if any(x is not None for x in d)]
         if not live:
             return live
@@ -568,6 +587,30 @@ class GradNormTape:
                     _check_leading(c, delta, n, dim)
         self._check_independent(losses, live, n)
         return live
+
+    def _check_views(self, views, view_deltas, by_call, n: int) -> None:
+        """A parameter's view consumed by elementwise rules must have no other use: its whole
+        gradient must be what those rule calls account for (else the rest would be lost)."""
+        for view, total in zip(views, view_deltas):
+            if total is None:
+                continue
+            covered = torch.zeros_like(view)
+            for c in self._view_calls[id(view)]:
+                d = by_call.get(id(c))
+                if d and d[0] is not None:
+                    args, delta = _example_view(c, d[0], n)
+                    g = self._rule(c).grads(c.module, args, delta, ["weight"], 1)["weight"]
+                    covered = covered + g.detach().sum(0).reshape(view.shape)
+            tol = 1000 * torch.finfo(total.dtype).eps
+            if not torch.allclose(covered, total.detach(), rtol=tol,
+                                  atol=tol * float(total.detach().abs().max())):
+                param = self._views[id(view)][1]
+                raise ValueError(
+                    f"parameter '{self._params[id(param)][0]}' is used through a reshaped view "
+                    "that an elementwise rule consumes and that is also used elsewhere (another "
+                    "op, a module output, or after the forward); per-example gradients of that "
+                    "other use cannot be separated. Use the view only in the elementwise op, or "
+                    "use the parameter directly.")
 
     @contextmanager
     def _delta_pass(self):

@@ -1,4 +1,6 @@
 """Scope hygiene and every error path of GradNormTape."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -373,3 +375,48 @@ def test_parameter_view_and_uncovered_use_in_one_module_refused():
                                          r"through a reshaped view"):
         with curvreg.GradNormTape(model):
             model(torch.randn(2, 3, 8, 8, dtype=torch.double))
+
+
+class _ViewUses(nn.Module):
+    """A per-channel parameter through a reshaped view: consumed by a rule, returned, or both."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.conv, self.t, self.mode = nn.Conv2d(3, 4, 3), nn.Parameter(torch.rand(4) + 0.5), mode
+
+    def forward(self, x):
+        v, h = self.t.view(1, -1, 1, 1), self.conv(x)
+        if self.mode == "returned":
+            return h.mean((2, 3)), v
+        if self.mode == "both":
+            return (h * v).mean((2, 3)), v
+        return (h * torch.exp(v)).mean((2, 3)), None  # "uncovered": the loop, exact
+
+
+@pytest.mark.parametrize("mode, refusal", [
+    ("returned", r"module '<root>' \(_ViewUses\) produced an output with dim 0 of size 1"),
+    ("both", r"parameter 't' is used through a reshaped view that an elementwise rule consumes "
+             r"and that is also used elsewhere"),
+    ("uncovered", None),
+])
+def test_parameter_view_used_outside_its_rule(mode, refusal):
+    """The view's whole gradient must be accounted for: one that leaves the module (and is used
+    by the loss) is never silently dropped."""
+    torch.manual_seed(0)
+    model = _ViewUses(mode).double()
+    x, y = torch.randn(5, 3, 6, 6, dtype=torch.double), torch.randint(0, 4, (5,))
+
+    def loss(out, t):
+        logits = out[0] * out[1].view(1, -1) if mode != "uncovered" else out[0]
+        return F.cross_entropy(logits, t, reduction="none")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        if refusal is None:
+            sq = tape.per_example_sq_grad_norms(loss(out, y))
+            assert torch.allclose(sq, loop_sq_grad_norms(model, loss, x, y), rtol=1e-10)
+            return
+        with pytest.raises(ValueError, match=refusal):
+            tape.per_example_sq_grad_norms(loss(out, y))
