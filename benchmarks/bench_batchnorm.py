@@ -20,32 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvreg
-from bench_step import ALPHA, medians, plain_step, sam_step
+from bench_step import ALPHA, medians, plain_step, sam_step, setup, tape_step
 from curvreg.lab.models import build_model
 
 SETTINGS = {"resnet20": 128, "resnet18": 32}
 
 
-def tape_step(mode, bn_estimator="probe"):
-    def step(model, opt, x, y):
-        opt.zero_grad(set_to_none=True)
-        with curvreg.GradNormTape(model, batch_norm=mode, bn_estimator=bn_estimator) as tape:
-            out = model(x)
-        losses = F.cross_entropy(out, y, reduction="none")
-        sq = tape.per_example_sq_grad_norms(losses)
-        (losses.mean() + ALPHA * sq.mean()).backward()
-        opt.step()
-    return step
-
-
 def time_steps(name, rounds):
-    torch.manual_seed(0)
-    batch = SETTINGS[name]
-    model = build_model(name)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    steps = {"plain": plain_step, "frozen": tape_step("frozen"), "probe": tape_step("unbiased"),
-             "cv": tape_step("unbiased", "control_variate"), "sam": sam_step}
+    model, opt, x, y = setup(name, SETTINGS[name])
+    steps = {"plain": plain_step, "frozen": tape_step(batch_norm="frozen"),
+             "probe": tape_step(batch_norm="unbiased"),
+             "cv": tape_step(batch_norm="unbiased", bn_estimator="control_variate"), "sam": sam_step}
     med = medians(steps, (model, opt, x, y), rounds)
     return {k: med[k] / med["plain"] for k in med}, med["plain"]
 

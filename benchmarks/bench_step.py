@@ -29,14 +29,20 @@ def plain_step(model, opt, x, y):
     opt.step()
 
 
-def curvreg_step(model, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    with curvreg.GradNormTape(model) as tape:
-        out = model(x)
-    losses = F.cross_entropy(out, y, reduction="none")
-    sq = tape.per_example_sq_grad_norms(losses)
-    (losses.mean() + ALPHA * sq.mean()).backward()
-    opt.step()
+def tape_step(**tape_options):
+    """A regularized step: loss + ALPHA * R, R from GradNormTape(model, **tape_options)."""
+    def step(model, opt, x, y):
+        opt.zero_grad(set_to_none=True)
+        with curvreg.GradNormTape(model, **tape_options) as tape:
+            out = model(x)
+        losses = F.cross_entropy(out, y, reduction="none")
+        sq = tape.per_example_sq_grad_norms(losses)
+        (losses.mean() + ALPHA * sq.mean()).backward()
+        opt.step()
+    return step
+
+
+curvreg_step = tape_step()
 
 
 def vmap_step(model, opt, x, y):
@@ -73,12 +79,17 @@ def vmap_bytes(model, batch):
     return batch * sum(p.numel() for p in model.parameters()) * 4 * 3
 
 
-def bench(name, rounds):
+def setup(name: str, batch: int):
+    """(model, SGD optimizer, CIFAR-shaped random batch, labels) for a registry model."""
     torch.manual_seed(0)
-    batch = SETTINGS[name]
     model = build_model(name)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return model, opt, torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+
+def bench(name, rounds):
+    batch = SETTINGS[name]
+    model, opt, x, y = setup(name, batch)
     steps = {"plain": plain_step, "curvreg": curvreg_step, "sam": sam_step, "vmap": vmap_step}
     budget = 0.5 * 24e9
     if vmap_bytes(model, batch) > budget:
