@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from curvreg.lab import report, sweep
+from curvreg.lab.exitcodes import Exit
+from curvreg.lab.io import read_run
+from curvreg.lab.runid import config_hash
 from curvreg.lab.cli import main
 from curvreg.lab.config import ConfigError
-from curvreg.lab.store import Store, StoreError
+from curvreg.lab.sweep.store import Store, StoreError, StoreLocked, driver_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("CURVREG_DATA", str(ROOT.parent / "shared" / "data"))
@@ -91,12 +94,12 @@ def test_expand_product_extras_and_hash():
     points = sweep.expand(s)
     assert len(points) == 5  # 4 grid points + 1 new extra (the other duplicates a grid point)
     assert {(p["lr"], p["alpha"]) for p in points} == {(0.1, 0.0), (0.1, 1.0), (0.2, 0.0), (0.2, 1.0), (0.5, 5e-4)}
-    a = sweep.config_hash({**points[0], "data_dir": "/a"})
-    assert a == sweep.config_hash({**points[0], "data_dir": "/b"}) != sweep.config_hash(points[1])
+    a = config_hash({**points[0], "data_dir": "/a"})
+    assert a == config_hash({**points[0], "data_dir": "/b"}) != config_hash(points[1])
     # a field added later is left out of the hash at its default, and counts otherwise
     old = {k: v for k, v in points[0].items() if k != "probe_distribution"}
-    assert sweep.config_hash(old) == sweep.config_hash(points[0])
-    assert sweep.config_hash({**points[0], "probe_distribution": "kronecker"}) != sweep.config_hash(old)
+    assert config_hash(old) == config_hash(points[0])
+    assert config_hash({**points[0], "probe_distribution": "kronecker"}) != config_hash(old)
 
 
 def test_committed_stores_keep_their_hashes():
@@ -107,18 +110,38 @@ def test_committed_stores_keep_their_hashes():
     points = sweep.expand(sweep.load_spec(root / "fc512-fig1.yaml"))
     with sqlite3.connect(f"file:{root / 'fc512-fig1' / 'sweep.db'}?immutable=1", uri=True) as db:
         stored = {h for (h,) in db.execute("select hash from runs where status = 'done'")}
-    assert len(points) == 64 and {sweep.config_hash(p) for p in points} <= stored
+    assert len(points) == 64 and {config_hash(p) for p in points} <= stored
 
 
-def test_store_is_single_driver_and_rejects_garbage(tmp_path):
+def test_store_rejects_garbage(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_text("not a database " * 100)
     with pytest.raises(StoreError, match="not a usable sweep database"):
         Store(junk).runs()
-    store = Store(tmp_path / "s.db")
-    store.db.execute("INSERT INTO meta VALUES ('driver', ?)", (json.dumps([os.uname().nodename, 1]),))
-    with pytest.raises(StoreError, match="another sweep \\(pid 1\\)"):
-        store.acquire_driver()
+
+
+HOLD = ("import sys, time\nfrom curvreg.lab.sweep.store import driver_lock\n"
+        "with driver_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+@needs_data
+def test_one_driver_per_store_and_a_killed_one_never_blocks(tmp_path, capsys):
+    s = spec(tmp_path, "{lr: [0.01]}")
+    db = tmp_path / "s" / "sweep.db"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(db)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        with pytest.raises(StoreLocked, match=f"pid {holder.pid} on "):
+            with driver_lock(db):
+                pass
+        assert main(["sweep", str(s), "--db", str(db)]) == Exit.LOCKED == 4
+        assert "is driving" in capsys.readouterr().err
+        assert not db.exists()  # refused before the store was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    with driver_lock(db):  # the kernel dropped the dead holder's lock
+        pass
 
 
 # ----------------------------------------------------------------------- local runs
@@ -189,7 +212,7 @@ def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
         sweep.execute(r["config"], ref_dir, threads=1)
     finally:
         torch.set_num_threads(torch_threads)
-    _, ref = sweep.read_outcome(ref_dir)
+    _, ref = read_run(ref_dir)
     assert curves(store, row["hash"]) == [{k: v for k, v in m.items() if k not in TIMING} for m in ref]
 
 
@@ -258,18 +281,18 @@ def fake_store(path):
                 bump = 0.02 if lr == 0.1 else 0.0  # lr 0.1 is better on validation
                 summary = {"val_acc": base + bump + 0.01 * seed, "test_acc": base + bump - 0.01 * seed,
                            "train_acc": 1.0, "fisher_trace": 1.0}
-                rows.append((sweep.config_hash(cfg), cfg, summary))
+                rows.append((config_hash(cfg), cfg, summary))
     diverged = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": 1.0,
                 "weight_decay": 0.0, "alpha": 0.0, "seed": 0, "epochs": 2}
     missing = dict(diverged, lr=2.0)
-    store.add([(h, c, "x") for h, c, _ in rows] + [(sweep.config_hash(diverged), diverged, "x"),
-                                                   (sweep.config_hash(missing), missing, "x")])
+    store.add([(h, c, "x") for h, c, _ in rows] + [(config_hash(diverged), diverged, "x"),
+                                                   (config_hash(missing), missing, "x")])
     for h, c, s in rows:
         store.claim([h], 1)
         store.finish(h, "done", s, [{"epoch": e, "val_acc": 0.5, "test_acc": 0.5, "fisher_trace": 2.0 / e}
                                     for e in (1, 2)])
-    store.claim([sweep.config_hash(diverged)], 1)
-    store.finish(sweep.config_hash(diverged), "diverged", {"status": "diverged", "val_acc": None}, [])
+    store.claim([config_hash(diverged)], 1)
+    store.finish(config_hash(diverged), "diverged", {"status": "diverged", "val_acc": None}, [])
     store.close()
 
 
@@ -305,7 +328,7 @@ def test_select_seed_changes_the_choice(tmp_path):
         for seed, val in by_seed.items():
             cfg = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": lr,
                    "weight_decay": 0.0, "alpha": 0.0, "seed": seed, "epochs": 1}
-            h = sweep.config_hash(cfg)
+            h = config_hash(cfg)
             store.add([(h, cfg, "x")])
             store.claim([h], 1)
             store.finish(h, "done", {"val_acc": val, "test_acc": val - 0.1}, [])
@@ -323,7 +346,7 @@ def test_seeds_added_after_a_new_config_field_join_their_setting(tmp_path):
     base = {"model": "fc512", "dataset": "cifar10", "method": "sgd", "lr": 0.05,
             "weight_decay": 1e-3, "alpha": 0.0, "epochs": 1}
     for cfg, acc in ((dict(base, seed=0), 0.70), (dict(base, seed=1, probe_distribution="rademacher"), 0.72)):
-        h = sweep.config_hash(cfg)
+        h = config_hash(cfg)
         store.add([(h, cfg, "x")])
         store.claim([h], 1)
         store.finish(h, "done", {"val_acc": acc, "test_acc": acc}, [])
@@ -331,7 +354,7 @@ def test_seeds_added_after_a_new_config_field_join_their_setting(tmp_path):
     store.close()
     sel = report.select(runs, select_seed=0)[("fc512", "cifar10")]["L2 only"]
     assert sorted(sel["test"]) == [0.70, 0.72]
-    assert sweep.config_hash(dict(base, seed=1)) == sweep.config_hash(dict(base, seed=1, probe_distribution="rademacher"))
+    assert config_hash(dict(base, seed=1)) == config_hash(dict(base, seed=1, probe_distribution="rademacher"))
 
 def test_estimator_evidence_regenerates_the_committed_table(tmp_path):
     # README's probe-evidence table is script output over the committed store.

@@ -1,4 +1,5 @@
 """Trainer on a real CIFAR-10 subset: learning, resume, divergence, alpha=0, CLI, DDP."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 from curvreg.lab import train as train_mod
 from curvreg.lab.cli import main
+from curvreg.lab.exitcodes import Exit
 from curvreg.lab.config import PRESETS, ConfigError, make_config
 from curvreg.lab.models import MODELS
 from curvreg.lab.loader import epoch_batches
@@ -66,7 +68,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch, estimator
 def test_divergence_recorded_with_exit_code(tmp_path, capsys):
     code = main(["train", "--preset", "fc512-cifar10", "--train-subset", "256", "--val-size", "100",
                  "--epochs", "2", "--lr", "1e6", "--data-dir", DATA, "--out", str(tmp_path / "d")])
-    assert code == train_mod.EXIT_DIVERGED
+    assert code == Exit.DIVERGED == 3
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["status"] == "diverged"
     assert "Traceback" not in capsys.readouterr().err
 
@@ -102,12 +104,44 @@ def test_config_errors_name_the_field():
         make_config({"lrr": 0.1})
     with pytest.raises(ConfigError, match="'method' must be one of"):
         make_config({"method": "adam"})
-    with pytest.raises(ConfigError, match="unknown preset 'fc9'"):
+    with pytest.raises(ConfigError, match="'preset' must be one of .*got 'fc9'"):
         make_config({"preset": "fc9"})
     with pytest.raises(ConfigError, match="'curvature_estimator' must be one of"):
         make_config({"curvature_estimator": "sketch"})
-    with pytest.raises(ConfigError, match="'num_probes'"):
+    with pytest.raises(ConfigError, match="'num_probes' must be >= 1, got 0"):
         make_config({"num_probes": 0})
+    with pytest.raises(ConfigError, match=r"'milestones\[1\]' must be int, got str"):
+        make_config({"milestones": [3, "5"]})
+    with pytest.raises(ConfigError, match="'milestones' must be a list"):
+        make_config({"milestones": 3})
+    with pytest.raises(ConfigError, match="'epochs' must be int, got bool"):
+        make_config({"epochs": True})
+    with pytest.raises(ConfigError, match="'augment' must be bool, got int"):
+        make_config({"augment": 1})
+    with pytest.raises(ConfigError, match="'seed' may not be null"):
+        make_config({"seed": None})
+    with pytest.raises(ConfigError, match="'train_subset' must be >= 1"):
+        make_config({"train_subset": 0})
+    cfg = make_config({"lr": 1, "train_subset": None, "milestones": (2, 4)})
+    assert type(cfg.lr) is float and cfg.train_subset is None and cfg.milestones == [2, 4]
+
+
+def test_choice_lists_come_from_the_code_that_implements_them():
+    import curvreg
+    from curvreg.lab import config, data, loader, models
+    types = config.field_types()
+    assert config.choices(types["curvature_estimator"]) == curvreg.probe.ESTIMATORS
+    assert config.choices(types["probe_distribution"]) == curvreg.probe.DISTRIBUTIONS
+    assert config.choices(types["batch_norm"]) == curvreg.batchnorm.MODES
+    assert config.choices(types["normalization"]) == loader.NORMALIZATIONS
+    assert config.choices(types["model"]) == tuple(models.MODELS)
+    assert config.choices(types["activation"]) == tuple(models.ACTIVATIONS)
+    assert config.choices(types["dataset"]) == tuple(data.SPECS)
+    assert config.choices(types["preset"]) == tuple(config.PRESETS)
+    for name in config.ACTIVATIONS:
+        models.build_model("fc512", activation=name)  # every listed choice is implemented
+    for f in dataclasses.fields(config.TrainConfig):
+        assert f.metadata["help"], f.name
 
 
 def test_cli_errors_and_help(tmp_path, capsys):
@@ -115,7 +149,7 @@ def test_cli_errors_and_help(tmp_path, capsys):
         main(["train", "--help"])
     assert "--alpha" in capsys.readouterr().out
     assert main(["train", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
-    assert "choose one of" in capsys.readouterr().err
+    assert "'preset' must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["train", "--epochs", "many"])
     assert e.value.code == 2

@@ -10,9 +10,11 @@ import time
 import typing
 from pathlib import Path
 
-from .config import CHOICES, HELP, PRESETS, ConfigError, TrainConfig, load_config_file
+from .config import ConfigError, TrainConfig, choices, field_types, load_config_file
 from .data import DataError
-from .store import StoreError
+from .exitcodes import Exit
+from .sweep.backends import BACKENDS
+from .sweep.store import StoreError, StoreLocked
 
 class _Parser(argparse.ArgumentParser):
     """No abbreviations (``--epoch`` is not ``--epochs``); a misspelled flag gets a suggestion."""
@@ -32,22 +34,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, typed from the dataclass, help from config.HELP."""
-    hints = typing.get_type_hints(TrainConfig)
+    """One flag per TrainConfig field, typed and documented by the field's declaration."""
+    types = field_types()
     for f in dataclasses.fields(TrainConfig):
-        typ, text = hints[f.name], HELP[f.name]
-        choices = CHOICES.get(f.name) or (tuple(PRESETS) if f.name == "preset" else ())
-        if choices:
-            text += f" ({', '.join(map(str, choices))})"
+        typ, text, allowed = types[f.name], f.metadata["help"], choices(types[f.name])
+        if allowed:
+            text += f" ({', '.join(map(str, allowed))})"
         flag = "--" + f.name.replace("_", "-")
-        args = typing.get_args(typ)
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
         if typ is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=text)
-        elif typing.get_origin(typ) in (list, typing.List):
+        elif typing.get_origin(typ) is list:
             p.add_argument(flag, dest=f.name, type=args[0], nargs="*", default=None, help=text)
         else:
-            base = next((a for a in args if a is not type(None)), typ) if args else typ
+            base = type(allowed[0]) if allowed else (args[0] if args else typ)
             p.add_argument(flag, dest=f.name, type=base, default=None, help=text)
 
 
@@ -68,8 +69,8 @@ def _sharpness_parser(sub) -> None:
                        description="Evaluate a saved model on (a subset of) its training split in "
                                    "eval mode; prints a table and writes sharpness.json.")
     p.add_argument("run", type=Path, metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--data", dest="data_dir", help="dataset directory (default: the run's, else "
-                                                   "$CURVREG_DATA)")
+    p.add_argument("--data-dir", "--data", dest="data_dir",
+                   help="dataset directory, as for train (default: the run's, else $CURVREG_DATA)")
     p.add_argument("--subset", type=int, default=2048, help="first N training examples (default 2048)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--probes", type=int, default=100, help="Hutchinson probes for tr(H) (default 100)")
@@ -94,7 +95,8 @@ def _sweep_parsers(sub) -> None:
     p.add_argument("spec", type=Path, metavar="SPEC")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default cores // workers)")
-    p.add_argument("--backend", default="local", help="local (default) or ray")
+    p.add_argument("--backend", default="local", choices=BACKENDS,
+                   help="local processes (default) or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
     p.add_argument("--db", type=Path, help="SQLite store (default sweeps/<spec name>/sweep.db)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -126,7 +128,7 @@ def _overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import EXIT_DIVERGED, resume, train
+    from .train import resume, train
     if args.resume is not None:
         extra = _overrides(args)
         unsupported = sorted(set(extra) - {"epochs"})
@@ -143,7 +145,7 @@ def cmd_train(args) -> int:
     print(json.dumps({k: summary[k] for k in ("status", "epochs_done", "test_acc", "best_val_acc",
                                               "fisher_trace")}))
     print(f"results in {out}")
-    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+    return Exit.DIVERGED if summary["status"] == "diverged" else Exit.OK
 
 
 def cmd_sharpness(args) -> int:
@@ -158,7 +160,7 @@ def cmd_sharpness(args) -> int:
           f"epoch {res['epoch']}, {res['mode']}")
     print(table(res))
     print(f"written to {res['written_to']}")
-    return 0
+    return Exit.OK
 
 
 def cmd_sweep(args) -> int:
@@ -166,7 +168,7 @@ def cmd_sweep(args) -> int:
     counts = run_sweep(args.spec, workers=args.workers, backend=args.backend, db=args.db,
                        address=args.address, progress=args.progress, threads=args.threads)
     print(json.dumps(counts))
-    return 0 if counts["pending"] == counts["running"] == counts["failed"] == 0 else 1
+    return Exit.OK if counts["pending"] == counts["running"] == counts["failed"] == 0 else Exit.FAILED
 
 
 def cmd_report(args) -> int:
@@ -174,11 +176,11 @@ def cmd_report(args) -> int:
         from .regime_report import make_regime_report
         out = make_regime_report(args.src, args.out)
         print(f"regime report in {out} (open {out / 'table.md'})")
-        return 0
+        return Exit.OK
     from .report import make_report
     out = make_report(args.src, args.out, args.select_seed)
     print(f"report in {out} (open {out / 'index.md'})")
-    return 0
+    return Exit.OK
 
 
 def main(argv=None) -> int:
@@ -186,9 +188,12 @@ def main(argv=None) -> int:
     try:
         return {"train": cmd_train, "sharpness": cmd_sharpness, "sweep": cmd_sweep,
                 "report": cmd_report}[args.command](args)
+    except StoreLocked as e:
+        print(f"curvreg {args.command}: error: {e}", file=sys.stderr)
+        return Exit.LOCKED
     except (ConfigError, DataError, StoreError, FileExistsError, FileNotFoundError) as e:
         print(f"curvreg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return Exit.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Training configuration: a typed dataclass, presets named after the paper's settings, and
 strict parsing of overrides (unknown fields and wrong types are errors that name the field).
 
+Every field's type, default, help text and bounds are declared once, in ``TrainConfig``; the
+choice lists are ``Literal`` types built from the lists the code that implements them keeps
+(``curvreg.probe.ESTIMATORS``, ``loader.NORMALIZATIONS``, ``models.MODELS``, ...), and the
+command line (``curvreg train --help``) is generated from the same declarations.
+
 Units: ``weight_decay`` is the SGD coefficient lambda (gradient += lambda * theta, i.e. a loss term
 lambda/2 ||theta||^2); ``alpha`` multiplies R = mean_i ||grad l_i||^2 of the mean cross-entropy
 (see ``curvreg.tape``).
@@ -9,113 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
-from .models import MODELS
+from curvreg import batchnorm, probe
 
-CHOICES = {
-    "model": tuple(MODELS),
-    "dataset": ("cifar10", "cifar100"),
-    "activation": ("relu", "gelu", "tanh"),
-    "schedule": ("constant", "step", "cosine"),
-    "method": ("sgd", "sam", "gnp"),
-    "normalization": ("standardize", "zca", "none"),
-    "device": ("auto", "cpu", "cuda"),
-    "curvature_estimator": ("exact", "probe", "hybrid"),
-    "probe_distribution": ("rademacher", "gaussian", "kronecker"),
-    "batch_norm": ("unbiased", "frozen"),
-}
-
-
-@dataclass
-class TrainConfig:
-    preset: Optional[str] = None
-    model: str = "fc512"
-    dataset: str = "cifar10"
-    activation: str = "relu"
-    width: float = 1.0                 # all-conv channel multiplier
-    dropout: float = 0.0               # all-conv dropout after the stride-2 convs
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 0.02
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    alpha: float = 5e-4
-    alpha_warmup_epochs: float = 0.0   # linear ramp of alpha from 0
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0         # linear lr warm-up
-    milestones: List[int] = field(default_factory=list)  # step schedule epochs
-    gamma: float = 0.1
-    method: str = "sgd"                # sgd | sam (Foret et al.) | gnp (Zhao et al. 2022)
-    rho: float = 0.05                  # SAM / GNP perturbation radius
-    gnp_beta: float = 0.8              # GNP mixing weight (lambda / r in Zhao et al.)
-    curvature_estimator: str = "exact"
-    num_probes: int = 1
-    probe_distribution: str = "rademacher"  # rademacher | gaussian | kronecker (see curvreg.probe)
-    batch_norm: str = "unbiased"       # training-mode BatchNorm in the penalty (curvreg.batchnorm)
-    group_size: int = 1                # m: penalty on the gradient norms of groups of m examples
-    normalization: str = "standardize"
-    zca_eps: float = 0.1
-    augment: bool = False
-    val_size: int = 5000
-    split_seed: int = 0
-    train_subset: Optional[int] = None
-    coarse_labels: bool = False
-    fisher_eval_size: int = 1024       # training examples for the per-epoch Fisher trace
-    seed: int = 0
-    device: str = "auto"
-    bf16: bool = False
-    data_dir: Optional[str] = None
-    download: bool = False
-
-
-HELP = {  # one line per field for ``curvreg train --help`` (choices are appended from CHOICES)
-    "preset": "named setting (its fields, then the other flags)",
-    "model": "model from the registry",
-    "dataset": "dataset",
-    "activation": "hidden activation",
-    "width": "channel multiplier (allcnn, resnet*)",
-    "dropout": "all-conv dropout after the stride-2 convs",
-    "epochs": "number of epochs",
-    "batch_size": "global batch size",
-    "lr": "peak learning rate",
-    "momentum": "SGD momentum",
-    "nesterov": "Nesterov momentum",
-    "weight_decay": "L2 coefficient (SGD weight_decay)",
-    "alpha": "curvature coefficient on mean_i ||grad l_i||^2",
-    "alpha_warmup_epochs": "linear warm-up of alpha from 0",
-    "schedule": "learning-rate schedule",
-    "warmup_epochs": "linear lr warm-up epochs",
-    "milestones": "epochs at which the step schedule multiplies the lr by gamma",
-    "gamma": "step schedule factor",
-    "method": "optimizer wrapper: plain SGD, SAM (Foret et al.) or GNP (Zhao et al. 2022)",
-    "rho": "SAM/GNP radius",
-    "gnp_beta": "GNP mixing weight",
-    "curvature_estimator": "how the penalty is computed (see curvreg.probe)",
-    "num_probes": "probes per step for the probe estimators",
-    "probe_distribution": "probe distribution",
-    "group_size": "penalize the squared gradient norm of each group of m consecutive examples "
-                  "(1: per example, the paper's; the batch size: the full-batch gradient norm)",
-    "batch_norm": "training-mode BatchNorm in the penalty: the true norms, estimated without bias, "
-                  "or the exact norms with the batch statistics held constant",
-    "normalization": "input normalization",
-    "zca_eps": "ZCA regularizer",
-    "augment": "random crop + flip",
-    "val_size": "held-out validation examples",
-    "split_seed": "seed of the train/validation split",
-    "train_subset": "use the first N training examples",
-    "coarse_labels": "CIFAR-100 coarse labels",
-    "fisher_eval_size": "training examples for the per-epoch Fisher trace",
-    "seed": "random seed",
-    "device": "device",
-    "bf16": "bf16 autocast (CPU or GPU; the penalty's rule arithmetic stays float32)",
-    "data_dir": "directory with cifar10.npz or the official archives (default: $CURVREG_DATA, "
-                "else ~/.cache/curvreg)",
-    "download": "download the dataset if missing",
-}
+from .data import SPECS
+from .loader import NORMALIZATIONS
+from .models import ACTIVATIONS, MODELS
 
 _FC = dict(lr=0.02, weight_decay=5e-4, alpha=5e-4, epochs=20, batch_size=256)
 _CNN = dict(model="allcnn", lr=0.05, weight_decay=5e-4, alpha=5e-4, epochs=100, batch_size=256,
@@ -133,48 +41,123 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                              alpha=5e-4, epochs=200, batch_size=128, augment=True, warmup_epochs=1.0),
 }
 
+# The Literal types' value lists (names evaluated by typing.get_type_hints).
+PRESET_NAMES = tuple(PRESETS)
+MODEL_NAMES = tuple(MODELS)
+DATASETS = tuple(SPECS)
+SCHEDULES = ("constant", "step", "cosine")  # implemented by train.lr_at
+METHODS = ("sgd", "sam", "gnp")              # implemented by train.sam_gradient / gnp_gradient
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _field(default, help: str, *, lo: Optional[float] = None, factory=None):
+    """A config field: its default, one line of ``--help`` text and an optional lower bound."""
+    meta = {"help": help, "min": lo}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    preset: Optional[Literal[PRESET_NAMES]] = _field(None, "named setting (its fields, then the other flags)")
+    model: Literal[MODEL_NAMES] = _field("fc512", "model from the registry")
+    dataset: Literal[DATASETS] = _field("cifar10", "dataset")
+    activation: Literal[ACTIVATIONS] = _field("relu", "hidden activation")
+    width: float = _field(1.0, "channel multiplier (allcnn, resnet*)", lo=0)
+    dropout: float = _field(0.0, "all-conv dropout after the stride-2 convs", lo=0)
+    epochs: int = _field(20, "number of epochs", lo=1)
+    batch_size: int = _field(256, "global batch size", lo=1)
+    lr: float = _field(0.02, "peak learning rate", lo=0)
+    momentum: float = _field(0.9, "SGD momentum", lo=0)
+    nesterov: bool = _field(False, "Nesterov momentum")
+    weight_decay: float = _field(5e-4, "L2 coefficient (SGD weight_decay)", lo=0)
+    alpha: float = _field(5e-4, "curvature coefficient on mean_i ||grad l_i||^2", lo=0)
+    alpha_warmup_epochs: float = _field(0.0, "linear warm-up of alpha from 0", lo=0)
+    schedule: Literal[SCHEDULES] = _field("cosine", "learning-rate schedule")
+    warmup_epochs: float = _field(0.0, "linear lr warm-up epochs", lo=0)
+    milestones: List[int] = _field(None, "epochs at which the step schedule multiplies the lr by "
+                                   "gamma", factory=list)
+    gamma: float = _field(0.1, "step schedule factor", lo=0)
+    method: Literal[METHODS] = _field("sgd", "optimizer wrapper: plain SGD, SAM (Foret et al.) or "
+                                      "GNP (Zhao et al. 2022)")
+    rho: float = _field(0.05, "SAM/GNP radius", lo=0)
+    gnp_beta: float = _field(0.8, "GNP mixing weight (lambda / r in Zhao et al.)")
+    curvature_estimator: Literal[probe.ESTIMATORS] = _field(
+        "exact", "how the penalty is computed (see curvreg.probe)")
+    num_probes: int = _field(1, "probes per step for the probe estimators", lo=1)
+    probe_distribution: Literal[probe.DISTRIBUTIONS] = _field("rademacher", "probe distribution")
+    batch_norm: Literal[batchnorm.MODES] = _field(
+        "unbiased", "training-mode BatchNorm in the penalty: the true norms, estimated without "
+        "bias, or the exact norms with the batch statistics held constant (curvreg.batchnorm)")
+    group_size: int = _field(1, "penalize the squared gradient norm of each group of m consecutive "
+                             "examples (1: per example, the paper's; the batch size: the "
+                             "full-batch gradient norm)", lo=1)
+    normalization: Literal[NORMALIZATIONS] = _field("standardize", "input normalization")
+    zca_eps: float = _field(0.1, "ZCA regularizer", lo=0)
+    augment: bool = _field(False, "random crop + flip")
+    val_size: int = _field(5000, "held-out validation examples", lo=0)
+    split_seed: int = _field(0, "seed of the train/validation split")
+    train_subset: Optional[int] = _field(None, "use the first N training examples", lo=1)
+    coarse_labels: bool = _field(False, "CIFAR-100 coarse labels")
+    fisher_eval_size: int = _field(1024, "training examples for the per-epoch Fisher trace", lo=1)
+    seed: int = _field(0, "random seed")
+    device: Literal[DEVICES] = _field("auto", "device")
+    bf16: bool = _field(False, "bf16 autocast (CPU or GPU; the penalty's rule arithmetic stays float32)")
+    data_dir: Optional[str] = _field(None, "directory with cifar10.npz or the official archives "
+                                     "(default: $CURVREG_DATA, else ~/.cache/curvreg)")
+    download: bool = _field(False, "download the dataset if missing")
+
 
 class ConfigError(ValueError):
     """A configuration field is unknown or has a bad value; the message names it."""
 
 
-def _check_type(name: str, value: Any, typ: Any) -> Any:
-    text = str(typ)
-    if value is None:
-        if "Optional" in text or "None" in text:
+def field_types() -> Dict[str, Any]:
+    """Each field's resolved type (``Literal[...]``, ``Optional[int]``, ``List[int]``, ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def choices(typ) -> Tuple:
+    """The values a ``Literal`` (or ``Optional[Literal]``) type allows; () for other types."""
+    if typing.get_origin(typ) is Union:
+        return next((choices(a) for a in typing.get_args(typ) if choices(a)), ())
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """``value`` checked against (and, int -> float, converted to) ``typ``."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Union:  # Optional[X]
+        if value is None:
             return None
+        return _coerce(name, value, next(a for a in args if a is not type(None)))
+    if value is None:
         raise ConfigError(f"field '{name}' may not be null")
-    if "List[int]" in text:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) for v in value):
-            raise ConfigError(f"field '{name}' must be a list of ints, got {value!r}")
-        return list(value)
-    base = {"int": int, "float": float, "bool": bool, "str": str}
-    for key, t in base.items():
-        if text.replace("Optional[", "").startswith(key):
-            if t is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
-            if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-                raise ConfigError(f"field '{name}' must be {key}, got {type(value).__name__} {value!r}")
-            return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"field '{name}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"field '{name}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"field '{name}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field's type and bound in place (errors name the field); returns ``cfg``."""
+    types = field_types()
     for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, _check_type(f.name, getattr(cfg, f.name), f.type))
-        if f.name in CHOICES and getattr(cfg, f.name) not in CHOICES[f.name]:
-            raise ConfigError(f"field '{f.name}' must be one of {list(CHOICES[f.name])}, got "
-                              f"{getattr(cfg, f.name)!r}")
-    positive = ("epochs", "batch_size", "num_probes", "fisher_eval_size", "group_size")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"field '{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay", "alpha", "rho", "momentum", "alpha_warmup_epochs",
-                 "warmup_epochs", "dropout"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"field '{name}' must be >= 0, got {getattr(cfg, name)}")
-    if cfg.preset is not None and cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{cfg.preset}'; choose one of {sorted(PRESETS)}")
+        value = _coerce(f.name, getattr(cfg, f.name), types[f.name])
+        lo = f.metadata["min"]
+        if lo is not None and value is not None and value < lo:
+            raise ConfigError(f"field '{f.name}' must be >= {lo}, got {value}")
+        setattr(cfg, f.name, value)
     if cfg.batch_size % cfg.group_size:
         raise ConfigError(f"field 'group_size' ({cfg.group_size}) must divide batch_size "
                           f"({cfg.batch_size})")
@@ -183,17 +166,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 def make_config(overrides: Mapping[str, Any]) -> TrainConfig:
     """Defaults, then the preset named in ``overrides`` (if any), then the other overrides."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - names)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
-    preset = overrides.get("preset")
-    values: Dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
-    values.update(overrides)
+    preset = _coerce("preset", overrides.get("preset"), field_types()["preset"])
+    values = {**(PRESETS[preset] if preset is not None else {}), **overrides}
     return validate(TrainConfig(**values))
 
 

@@ -17,13 +17,14 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+
+from .io import atomic_write
 
 
 class DataError(RuntimeError):
@@ -67,22 +68,6 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "curvreg"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def md5sum(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
@@ -103,7 +88,7 @@ def download(url: str, dest: Path, md5: str, progress: bool = False) -> Path:
             raise ChecksumError(f"download of {url} has MD5 {h.hexdigest()}, expected {md5}; "
                                 "nothing was saved. Retry, or fetch the archive by hand.")
     try:
-        _atomic_write(dest, write)
+        atomic_write(dest, write)
     except OSError as e:
         raise DataError(f"could not download {url} ({e}). Without network access, place the "
                         f"official archive at {dest}") from e
@@ -163,7 +148,7 @@ def save_npz(path: Path, arrays: Dict[str, np.ndarray]) -> None:
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         f.write(buf.getvalue())
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def load_npz(path: Path) -> Dict[str, np.ndarray]:

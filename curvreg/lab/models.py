@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+ACTIVATIONS = tuple(_ACTIVATIONS)
 
 
 def _activation(name: str) -> nn.Module:

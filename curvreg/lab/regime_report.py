@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .report import load, setting_key
-from .store import StoreError
+from .sweep.store import StoreError
 
 METHODS = ("L2 only", "curvature + L2", "SAM + L2", "GNP + L2")
 COLORS = {"L2 only": "#4c72b0", "curvature + L2": "#dd8452", "SAM + L2": "#55a868",

@@ -25,8 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .store import Store, StoreError
-from .sweep import identity
+from .sweep.store import Store, StoreError
+from .runid import identity
 
 COLUMNS = ("no reg", "L2 only", "curvature only", "curvature + L2")
 PAPER = {  # Geng et al., Tables 1 and 2 (test accuracy, %)

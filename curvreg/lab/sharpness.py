@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import curvreg
 
 from .config import ConfigError, make_config
-from .train import _bar, _write_json, data_from_config, model_from_config, resolve_device
+from .io import progress_bar, write_json
+from .train import data_from_config, model_from_config, resolve_device
 
 
 def ce(out, y):
@@ -75,7 +76,7 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
                     m.train()
         params = [p for p in model.parameters() if p.requires_grad]
         dim = sum(p.numel() for p in params)
-        bar = _bar(probes, "hessian trace", progress)
+        bar = progress_bar(probes, "hessian trace", progress)
 
         def quadratic(v):
             bar.update(1)
@@ -167,6 +168,6 @@ def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 
     path = Path(path)
     target = Path(out) if out else (path.parent if path.is_file() else path) / "sharpness.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(target, res)
+    write_json(target, res)
     res["written_to"] = str(target)
     return res

@@ -28,12 +28,10 @@ import torch.nn.functional as F
 import curvreg
 
 from .config import ConfigError, TrainConfig, make_config
-from .data import _atomic_write, load_arrays
+from .data import load_arrays
+from .io import atomic_write, progress_bar, write_json, write_jsonl
 from .loader import Splits, epoch_batches, prepare
 from .models import build_model
-
-EXIT_DIVERGED = 3
-
 
 class Diverged(RuntimeError):
     pass
@@ -71,10 +69,6 @@ def _git_commit() -> Optional[str]:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 STREAMS = ("shuffle", "probes")  # the random streams a run draws from, besides torch's global one
@@ -136,7 +130,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.rank == 0:
             path = self.out / "checkpoint.pt"
-            _atomic_write(path, lambda f: torch.save(self.state(), f))
+            atomic_write(path, lambda f: torch.save(self.state(), f))
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.out / "checkpoint.pt", map_location=self.device, weights_only=False)
@@ -150,8 +144,7 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         if self.rank == 0:
-            text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.history)
-            _atomic_write(self.out / "metrics.jsonl", lambda f: f.write(text.encode()))
+            write_jsonl(self.out / "metrics.jsonl", self.history)
 
     # ------------------------------------------------------------------ steps
     def _objective(self, x, y, alpha: float):
@@ -255,7 +248,7 @@ class Trainer:
         steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
         sums = torch.zeros(4, device=self.device)
         start = time.perf_counter()
-        bar = _bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress and self.rank == 0)
+        bar = progress_bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress and self.rank == 0)
         info = {}
         for k, (x, y) in enumerate(epoch_batches(d.x_train, d.y_train, cfg.batch_size, gen,
                                                   do_augment=cfg.augment)):
@@ -312,23 +305,8 @@ class Trainer:
             "git_commit": _git_commit(), "world_size": self.world,
         }
         if self.rank == 0:
-            _write_json(self.out / "summary.json", summary)
+            write_json(self.out / "summary.json", summary)
         return summary
-
-
-class _NullBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def _init_distributed() -> None:
@@ -350,7 +328,7 @@ def train(overrides: dict, out: Path, progress: Optional[bool] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, out, progress)
     if trainer.rank == 0:
-        _write_json(out / "config.json", dataclasses.asdict(cfg))
+        write_json(out / "config.json", dataclasses.asdict(cfg))
     return trainer.fit()
 
 
@@ -368,7 +346,7 @@ def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int]
                               "rate jump; only constant and step schedules can be extended. Start "
                               "a new run instead.")
         values["epochs"] = epochs
-        _write_json(run_dir / "config.json", dataclasses.asdict(make_config(values)))
+        write_json(run_dir / "config.json", dataclasses.asdict(make_config(values)))
     trainer = Trainer(make_config(values), run_dir, progress)
     if (run_dir / "checkpoint.pt").is_file():
         trainer.load_checkpoint()

@@ -4,13 +4,14 @@ Tables:
     runs(hash PK, config JSON, status, attempts, created, started, finished, seconds, host, pid,
          run_dir, summary JSON, error)
     metrics(hash, epoch, data JSON)          -- one row per finished epoch of each run
-    meta(key PK, value)                      -- the spec, the driver holding the store
+    meta(key PK, value)                      -- the spec
 
 status is one of pending, running, done, failed, diverged. Every change is one transaction, so a
 kill at any moment leaves either the old or the new row, never a torn one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -54,25 +55,14 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _tx(self):
         return _Transaction(self.db)
-
-    # ---------------------------------------------------------------- driver lock
-    def acquire_driver(self) -> None:
-        """Refuse a second live sweep driver on this store (same host, pid alive)."""
-        with self._tx():
-            row = self.db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
-            if row:
-                host, pid = json.loads(row[0])
-                if host == socket.gethostname() and pid != os.getpid() and _alive(pid):
-                    raise StoreError(f"another sweep (pid {pid}) is driving {self.path}; wait for "
-                                     "it or stop it first")
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('driver', ?)",
-                            (json.dumps([socket.gethostname(), os.getpid()]),))
-
-    def release_driver(self) -> None:
-        with self._tx():
-            self.db.execute("DELETE FROM meta WHERE key='driver'")
 
     def set_meta(self, key: str, value) -> None:
         with self._tx():
@@ -173,11 +163,33 @@ class _Transaction:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class StoreLocked(StoreError):
+    """Another live sweep driver holds the store."""
+
+
+@contextlib.contextmanager
+def driver_lock(path):
+    """Hold an exclusive flock on ``<store>.lock`` while one sweep drives the store; a second
+    driver (on any host sharing a filesystem with working flock) gets ``StoreLocked``. The
+    kernel releases the lock when its holder dies, so a killed driver never blocks a restart,
+    and a reused PID cannot fake one."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise StoreLocked(f"another sweep ({who}) is driving {path}; wait for it or stop it "
+                              "first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
