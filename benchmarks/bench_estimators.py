@@ -28,11 +28,8 @@ def step(model, opt, x, y, estimator=None, k=1, gen=None, distribution="rademach
     if estimator is None:
         F.cross_entropy(model(x), y).backward()
     else:
-        with curvreg.GradNormTape(model, estimator=estimator, num_probes=k, generator=gen,
-                                  distribution=distribution) as tape:
-            out = model(x)
-        losses = F.cross_entropy(out, y, reduction="none")
-        (losses.mean() + ALPHA * tape.per_example_sq_grad_norms(losses).mean()).backward()
+        curvreg.penalized_objective(model, x, y, ALPHA, estimator=estimator, num_probes=k,
+                                    generator=gen, distribution=distribution).value.backward()
     opt.step()
 
 

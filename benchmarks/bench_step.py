@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 import curvreg
 from curvreg.lab.models import build_model
+from curvreg.lab.sam import perturbed_gradient
 
 ALPHA = 0.1
 SETTINGS = {"fc512": 256, "fc4096": 256, "allcnn": 32}
@@ -33,11 +34,7 @@ def tape_step(**tape_options):
     """A regularized step: loss + ALPHA * R, R from GradNormTape(model, **tape_options)."""
     def step(model, opt, x, y):
         opt.zero_grad(set_to_none=True)
-        with curvreg.GradNormTape(model, **tape_options) as tape:
-            out = model(x)
-        losses = F.cross_entropy(out, y, reduction="none")
-        sq = tape.per_example_sq_grad_norms(losses)
-        (losses.mean() + ALPHA * sq.mean()).backward()
+        curvreg.penalized_objective(model, x, y, ALPHA, **tape_options).value.backward()
         opt.step()
     return step
 
@@ -59,19 +56,10 @@ def vmap_step(model, opt, x, y):
 
 
 def sam_step(model, opt, x, y, rho=0.05):
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
-    eps = [rho * p.grad / (norm + 1e-12) for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.add_(e)
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    with torch.no_grad():
-        for p, e in zip(params, eps):
-            p.sub_(e)
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    perturbed_gradient(model.parameters(), closure, rho)
     opt.step()
 
 

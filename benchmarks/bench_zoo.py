@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import curvreg
+from curvreg.objective import cross_entropy
 from bench_step import ALPHA, medians
 
 TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5}
@@ -66,13 +67,11 @@ def plain_step(model, opt, x, y):
 
 def exact_step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
-    with curvreg.GradNormTape(model) as tape:
-        out = logits(model, x)
-    losses = F.cross_entropy(out, y, reduction="none")
-    sq = tape.per_example_sq_grad_norms(losses)
-    (losses.mean() + ALPHA * sq.mean()).backward()
+    obj = curvreg.penalized_objective(model, x, y, ALPHA, loss_fn=lambda out, t: cross_entropy(
+        out.logits if hasattr(out, "logits") else out, t))
+    obj.value.backward()
     opt.step()
-    return tape.methods
+    return obj.tape.methods
 
 
 def bench(name, rounds):

@@ -1,11 +1,12 @@
 """Curvature regularization on your own model, in a few lines: a small CNN with training-mode
 BatchNorm trained on random data for a few steps, printing the loss and the penalty
-R = mean_i ||grad l_i||^2. Swap in your model and data loader.
+R = mean_i ||grad l_i||^2. Swap in your model and data loader. ``penalized_objective`` wraps the
+three lines of the README's tape example (open a GradNormTape over the forward, per-example
+losses, ``tape.per_example_sq_grad_norms``).
 
     python examples/quickstart.py
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import curvreg
@@ -20,16 +21,14 @@ def main(steps: int = 5, alpha: float = 1e-3):
     gen = torch.Generator().manual_seed(0)  # probes for the BatchNorm estimate: reproducible
     for step in range(steps):
         x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-        # training-mode BatchNorm couples the examples: "unbiased" estimates the true norms
-        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen) as tape:
-            out = model(x)
-        losses = F.cross_entropy(out, y, reduction="none")   # one loss per example
-        sq = tape.per_example_sq_grad_norms(losses)           # ||grad l_i||^2, differentiable
+        # mean_i l_i + alpha * mean_i ||grad l_i||^2. Training-mode BatchNorm couples the
+        # examples: batch_norm="unbiased" estimates the true norms without bias.
+        obj = curvreg.penalized_objective(model, x, y, alpha, batch_norm="unbiased", generator=gen)
         opt.zero_grad()
-        (losses.mean() + alpha * sq.mean()).backward()        # double backprop
+        obj.value.backward()                                  # double backprop
         opt.step()
-        print(f"step {step}: loss {losses.mean().item():.4f}  R {sq.mean().item():.4g}  "
-              f"methods {sorted(set(tape.methods.values()))}")
+        print(f"step {step}: loss {obj.losses.mean().item():.4f}  R {obj.sq_norms.mean().item():.4g}  "
+              f"methods {sorted(set(obj.tape.methods.values()))}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .data import load_arrays
 from .io import atomic_write, progress_bar, write_json, write_jsonl
 from .loader import Splits, epoch_batches, prepare
 from .models import build_model
+from .sam import perturbed_gradient
 
 class Diverged(RuntimeError):
     pass
@@ -111,6 +112,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.data = data_from_config(cfg, self.device)
+        self._check_slices()
         torch.manual_seed(cfg.seed)
         self.model = model_from_config(cfg, self.data.num_classes).to(self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -120,6 +122,15 @@ class Trainer:
         # estimator leaves the data order unchanged.
         self.probe_gen = torch.Generator(device=self.device).manual_seed(
             derived_seed(cfg.seed, "probes", self.rank))
+
+    def _check_slices(self) -> None:
+        """Under torchrun every rank needs at least one example of every batch."""
+        n, b = self.data.x_train.shape[0], self.cfg.batch_size
+        smallest = min(b, n % b or b, n)
+        if self.world > 1 and smallest < self.world:
+            raise ConfigError(f"a batch of {smallest} example(s) cannot be split over {self.world} "
+                              f"processes ({n} training examples, batch_size {b}); change "
+                              "batch_size or train_subset")
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -147,44 +158,14 @@ class Trainer:
             write_jsonl(self.out / "metrics.jsonl", self.history)
 
     # ------------------------------------------------------------------ steps
-    def _objective(self, x, y, alpha: float):
-        """(objective, losses, sq or None, logits) on this rank's slice."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
-        if alpha > 0:
-            cfg = self.cfg
-            with curvreg.GradNormTape(self.model, estimator=cfg.curvature_estimator,
-                                      num_probes=cfg.num_probes, generator=self.probe_gen,
-                                      distribution=cfg.probe_distribution,
-                                      batch_norm=cfg.batch_norm,
-                                      group_size=cfg.group_size) as tape, autocast:
-                out = self.model(x)
-            losses = F.cross_entropy(out.float(), y, reduction="none")
-            sq = tape.per_example_sq_grad_norms(losses)
-            return losses.mean() + alpha * sq.mean(), losses, sq, out
-        with autocast:
-            out = self.model(x)
-        losses = F.cross_entropy(out.float(), y, reduction="none")
-        return losses.mean(), losses, None, out
-
-    def _backward(self, objective, weight: float) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        (objective * weight).backward()
-        if self.world > 1:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-
-    def _grads(self):
-        return [p.grad.detach().clone() if p.grad is not None else None for p in self.model.parameters()]
-
-    def _perturb(self, grads, rho: float, sign: float) -> list:
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)) + 1e-12
-        eps = [None if g is None else sign * rho * g / norm for g in grads]
-        with torch.no_grad():
-            for p, e in zip(self.model.parameters(), eps):
-                if e is not None:
-                    p.add_(e)
-        return eps
+    def _objective(self, x, y, alpha: float) -> curvreg.Objective:
+        """The penalized objective of this rank's slice (curvreg.penalized_objective)."""
+        cfg = self.cfg
+        return curvreg.penalized_objective(
+            self.model, x, y, alpha, autocast=torch.bfloat16 if cfg.bf16 else None,
+            estimator=cfg.curvature_estimator, num_probes=cfg.num_probes,
+            generator=self.probe_gen, distribution=cfg.probe_distribution,
+            batch_norm=cfg.batch_norm, group_size=cfg.group_size)
 
     def step(self, x, y, t: float) -> dict:
         cfg, alpha = self.cfg, alpha_at(self.cfg, t)
@@ -194,27 +175,32 @@ class Trainer:
         lo, hi = self.rank * n_global // self.world, (self.rank + 1) * n_global // self.world
         xs, ys = x[lo:hi], y[lo:hi]
         weight = (hi - lo) / n_global  # local mean -> share of the global mean
-        objective, losses, sq, out = self._objective(xs, ys, alpha)
-        if not torch.isfinite(objective).all():
-            raise Diverged(f"non-finite objective {objective.item()} at epoch {t:.3f}")
-        self._backward(objective, weight)
-        if cfg.method in ("sam", "gnp"):
-            g1 = self._grads()
-            eps = self._perturb(g1, cfg.rho, 1.0)
-            self._backward(self._objective(xs, ys, alpha)[0], weight)
-            with torch.no_grad():
-                for p, e in zip(self.model.parameters(), eps):
-                    if e is not None:
-                        p.sub_(e)
-                if cfg.method == "gnp":  # (1 - beta) grad(theta) + beta grad(theta + r g/|g|)
-                    for p, a in zip(self.model.parameters(), g1):
-                        if a is not None:
-                            p.grad.mul_(cfg.gnp_beta).add_(a, alpha=1 - cfg.gnp_beta)
+
+        def closure() -> curvreg.Objective:
+            obj = self._objective(xs, ys, alpha)
+            if not torch.isfinite(obj.value).all():
+                raise Diverged(f"non-finite objective {obj.value.item()} at epoch {t:.3f}")
+            self.opt.zero_grad(set_to_none=True)
+            (obj.value * weight).backward()
+            if self.world > 1:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+            return obj
+
+        if cfg.method == "sgd":
+            obj = closure()
+        else:
+            obj = perturbed_gradient(self.model.parameters(), closure, cfg.rho,
+                                     beta=1.0 if cfg.method == "sam" else cfg.gnp_beta)
         self.opt.step()
         with torch.no_grad():
-            stats = torch.stack([losses.sum(), (out.argmax(1) == ys).sum().float(),
-                                 sq.sum() if sq is not None else losses.new_zeros(()),
-                                 losses.new_tensor(float(hi - lo))])
+            losses, sq = obj.losses, obj.sq_norms
+            zero = losses.new_zeros(())
+            stats = torch.stack([losses.sum(), (obj.output.argmax(1) == ys).sum().float(),
+                                 losses.new_tensor(float(hi - lo)),
+                                 sq.sum() if sq is not None else zero,
+                                 losses.new_tensor(float(sq.numel())) if sq is not None else zero])
             if self.world > 1:
                 dist.all_reduce(stats)
         return {"stats": stats, "lr": self.opt.param_groups[0]["lr"], "alpha": alpha}
@@ -246,7 +232,7 @@ class Trainer:
         cfg, d = self.cfg, self.data
         gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "shuffle", self.epoch))
         steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
-        sums = torch.zeros(4, device=self.device)
+        sums = torch.zeros(5, device=self.device)
         start = time.perf_counter()
         bar = progress_bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress and self.rank == 0)
         info = {}
@@ -257,14 +243,15 @@ class Trainer:
             bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
-        loss_sum, correct, sq_sum, n = sums.tolist()
+        loss_sum, correct, n, sq_sum, n_sq = sums.tolist()
         val, test = self.evaluate(d.x_val, d.y_val), self.evaluate(d.x_test, d.y_test)
         self.epoch += 1
         return {"epoch": self.epoch, "train_loss": loss_sum / n, "train_acc": correct / n,
                 "val_loss": val["loss"], "val_acc": val["acc"],
                 "test_loss": test["loss"], "test_acc": test["acc"],
                 "fisher_trace": self.fisher_trace(),
-                "train_sq_grad_norm": sq_sum / n if info.get("alpha", 0) > 0 else None,
+                # mean over the steps that computed the penalty (alpha > 0), per example or group
+                "train_sq_grad_norm": sq_sum / n_sq if n_sq else None,
                 "lr": info.get("lr"), "alpha": info.get("alpha"),
                 "epoch_seconds": seconds, "examples_per_second": n / seconds}
 
