@@ -264,6 +264,13 @@ def test_bf16_on_cpu_trains_with_the_penalty(tmp_path):
     assert metrics(tmp_path / "r")[0]["train_sq_grad_norm"] > 0
 
 
+def test_bad_data_leaves_no_run_directory(tmp_path, capsys):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert main(["train", "--out", str(tmp_path / "r"), "--data-dir", str(empty)]) == 2
+    assert "cifar10" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_cuda_without_a_gpu_is_a_bad_argument(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -275,10 +282,24 @@ def test_resume_with_more_epochs(tmp_path, capsys):
     """Extending a constant-schedule run updates config.json; a cosine run is refused (its
     learning rate would jump)."""
     const = {**QUICK, "epochs": 1, "schedule": "constant", "alpha": 0.0}
-    train_mod.train(const, tmp_path / "c", progress=False)
-    assert main(["train", "--resume", str(tmp_path / "c"), "--epochs", "2", "--no-progress"]) == 0
+    train_mod.train(const, tmp_path / "c", progress=False, tensorboard=True)
+    assert main(["train", "--resume", str(tmp_path / "c"), "--epochs", "2", "--no-progress",
+                 "--tensorboard"]) == 0
     assert json.loads((tmp_path / "c" / "config.json").read_text())["epochs"] == 2
-    assert len(metrics(tmp_path / "c")) == 2
+    m = metrics(tmp_path / "c")
+    assert len(m) == 2
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["resumes"] == [{"from_epoch": 1, "epochs": 2}]
+    # TensorBoard scalars beside metrics.jsonl, one per epoch across the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "c" / "tensorboard"))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("val_acc")]
+    assert got == [(x["epoch"], pytest.approx(x["val_acc"])) for x in m]
+    assert {"train_loss", "fisher_trace", "lr", "test_acc"} <= set(events.Tags()["scalars"])
+    # only --epochs may change on resume
+    assert main(["train", "--resume", str(tmp_path / "c"), "--lr", "0.5"]) == 2
+    assert "only --epochs may change (got ['lr'])" in capsys.readouterr().err
     train_mod.train({**const, "schedule": "cosine"}, tmp_path / "k", progress=False)
     assert main(["train", "--resume", str(tmp_path / "k"), "--epochs", "2"]) == 2
     assert "cosine" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import time
 import typing
@@ -62,6 +63,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: only on a terminal)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to RUN_DIR/tensorboard (needs the "
+                        "tensorboard extra)")
 
 
 def _sharpness_parser(sub) -> None:
@@ -98,7 +102,7 @@ def _sweep_parsers(sub) -> None:
     p.add_argument("--backend", default="local", choices=BACKENDS,
                    help="local processes (default) or Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
-    p.add_argument("--db", type=Path, help="SQLite store (default sweeps/<spec name>/sweep.db)")
+    p.add_argument("--db", type=Path, help="SQLite store (default <spec folder>/<spec name>/sweep.db, e.g. sweeps/fc512-fig1/sweep.db for sweeps/fc512-fig1.yaml)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     r = sub.add_parser("report", help="tables and figures from a sweep store",
                        description="Write table.md, runs.csv, figures and index.md from a sweep.")
@@ -135,16 +139,17 @@ def cmd_train(args) -> int:
         if unsupported:
             raise ConfigError(f"--resume continues the stored config; only --epochs may change "
                               f"(got {unsupported})")
-        summary = resume(args.resume, args.progress, extra.get("epochs"))
+        summary = resume(args.resume, args.progress, extra.get("epochs"), args.tensorboard)
         out = args.resume
     else:
         values = _overrides(args)
         name = values.get("preset") or values.get("model") or "run"
         out = args.out or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = train(values, out, args.progress)
-    print(json.dumps({k: summary[k] for k in ("status", "epochs_done", "test_acc", "best_val_acc",
-                                              "fisher_trace")}))
-    print(f"results in {out}")
+        summary = train(values, out, args.progress, args.tensorboard)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        print(json.dumps({k: summary[k] for k in ("status", "epochs_done", "test_acc",
+                                                  "best_val_acc", "fisher_trace")}))
+        print(f"results in {out}")
     return Exit.DIVERGED if summary["status"] == "diverged" else Exit.OK
 
 

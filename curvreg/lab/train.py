@@ -105,7 +105,8 @@ def data_from_config(cfg: TrainConfig, device) -> Splits:
 class Trainer:
     """Builds data and model from a config and runs epochs, writing the run directory."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool] = None):
+    def __init__(self, cfg: TrainConfig, out: Path, progress: Optional[bool] = None,
+                 tensorboard: bool = False):
         self.cfg, self.out = cfg, Path(out)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -117,7 +118,8 @@ class Trainer:
         self.model = model_from_config(cfg, self.data.num_classes).to(self.device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        self.epoch, self.history = 0, []
+        self.epoch, self.history, self.resumes = 0, [], []
+        self.tensorboard, self.scalars = tensorboard, None
         # Probe draws for estimator probe/hybrid; separate from the data RNG so that switching
         # estimator leaves the data order unchanged.
         self.probe_gen = torch.Generator(device=self.device).manual_seed(
@@ -135,7 +137,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "epoch": self.epoch, "history": self.history, "rng": torch.get_rng_state(),
+                "epoch": self.epoch, "history": self.history, "resumes": self.resumes,
+                "rng": torch.get_rng_state(),
                 "probe_rng": self.probe_gen.get_state()}
 
     def save_checkpoint(self) -> None:
@@ -148,6 +151,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.epoch, self.history = state["epoch"], state["history"]
+        self.resumes = state.get("resumes", []) + [{"from_epoch": self.epoch, "epochs": self.cfg.epochs}]
         torch.set_rng_state(state["rng"])
         if "probe_rng" in state:
             self.probe_gen.set_state(state["probe_rng"].cpu())
@@ -255,6 +259,23 @@ class Trainer:
                 "lr": info.get("lr"), "alpha": info.get("alpha"),
                 "epoch_seconds": seconds, "examples_per_second": n / seconds}
 
+    def _log_scalars(self, metrics: dict) -> None:
+        """TensorBoard scalars of one epoch (``<run>/tensorboard``), beside metrics.jsonl."""
+        if not self.tensorboard or self.rank != 0:
+            return
+        if self.scalars is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install -e "
+                                  "'.[tensorboard]'") from e
+            # after a resume, drop events the interrupted run wrote past its last checkpoint
+            self.scalars = SummaryWriter(str(self.out / "tensorboard"), purge_step=metrics["epoch"])
+        for k, v in metrics.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.scalars.add_scalar(k, v, metrics["epoch"])
+        self.scalars.flush()
+
     def fit(self) -> dict:
         """Train to ``cfg.epochs``; returns the summary (also written to ``summary.json``)."""
         status = "done"
@@ -268,6 +289,7 @@ class Trainer:
                 self.history.append(metrics)
                 self.save_checkpoint()
                 self._write_metrics()
+                self._log_scalars(metrics)
                 if self.rank == 0 and not self.progress:
                     print(f"epoch {metrics['epoch']}: train_acc {metrics['train_acc']:.4f} "
                           f"val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f} "
@@ -275,6 +297,9 @@ class Trainer:
         except Diverged as e:
             status = "diverged"
             print(f"run diverged: {e}", file=sys.stderr)
+        finally:
+            if self.scalars is not None:
+                self.scalars.close()
         return self.write_summary(status)
 
     def write_summary(self, status: str) -> dict:
@@ -290,6 +315,7 @@ class Trainer:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "curvreg": curvreg.__version__},
             "git_commit": _git_commit(), "world_size": self.world,
+            "resumes": self.resumes,  # each --resume: the epoch it continued from, the target
         }
         if self.rank == 0:
             write_json(self.out / "summary.json", summary)
@@ -304,7 +330,8 @@ def _init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def train(overrides: dict, out: Path, progress: Optional[bool] = None) -> dict:
+def train(overrides: dict, out: Path, progress: Optional[bool] = None,
+          tensorboard: bool = False) -> dict:
     """Start a new run in ``out`` from config overrides."""
     _init_distributed()
     cfg = make_config(overrides)
@@ -312,15 +339,20 @@ def train(overrides: dict, out: Path, progress: Optional[bool] = None) -> dict:
     if (out / "checkpoint.pt").exists():
         raise FileExistsError(f"{out} already holds a run; use --resume {out} to continue it, or "
                               "choose another --out")
+    trainer = Trainer(cfg, out, progress, tensorboard)  # bad data fails here, before any file
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, out, progress)
     if trainer.rank == 0:
         write_json(out / "config.json", dataclasses.asdict(cfg))
     return trainer.fit()
 
 
-def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int] = None) -> dict:
-    """Continue the run in ``run_dir`` from its last checkpoint."""
+def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int] = None,
+           tensorboard: bool = False) -> dict:
+    """Continue the run in ``run_dir`` from its last checkpoint (bit for bit on the CPU).
+
+    ``epochs`` extends (or shortens) a constant or step schedule; a cosine schedule is refused,
+    since its learning rate depends on the total. ``config.json`` is rewritten with the new
+    total and ``summary.json`` lists every resume (``resumes``)."""
     _init_distributed()
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
@@ -334,7 +366,7 @@ def resume(run_dir: Path, progress: Optional[bool] = None, epochs: Optional[int]
                               "a new run instead.")
         values["epochs"] = epochs
         write_json(run_dir / "config.json", dataclasses.asdict(make_config(values)))
-    trainer = Trainer(make_config(values), run_dir, progress)
+    trainer = Trainer(make_config(values), run_dir, progress, tensorboard)
     if (run_dir / "checkpoint.pt").is_file():
         trainer.load_checkpoint()
     return trainer.fit()

@@ -32,12 +32,12 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
     spec = load_spec(spec_path)
     points = expand(spec)
     check_data(points)
-    db = Path(db) if db else default_db(spec_path)
-    runs_dir = db.parent / "runs"
+    db = Path(db).resolve() if db else default_db(spec_path)
+    runs_dir = db.parent / "runs"  # run directories live beside the store, wherever it is run from
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     with driver_lock(db), Store(db) as store:
         hashes = [config_hash(c) for c in points]
-        added = store.add([(h, c, runs_dir / h) for h, c in zip(hashes, points)])
+        added = store.add([(h, c, Path("runs") / h) for h, c in zip(hashes, points)])
         requeued = store.requeue_running()
         store.set_meta("spec", spec)
         print(f"sweep {db}: {len(points)} points ({added} new, {requeued} resumed after a kill), "
@@ -45,13 +45,13 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
         runner = (LocalBackend(workers, threads) if backend == "local"
                   else RayBackend(workers, threads, address))
         try:
-            _drive(store, runner, hashes, spec["max_attempts"], progress, poll_seconds)
+            _drive(store, runner, runs_dir, hashes, spec["max_attempts"], progress, poll_seconds)
         finally:
             runner.shutdown()
         return store.counts(hashes)
 
 
-def _drive(store: Store, runner: Backend, hashes, max_attempts, progress, poll_seconds) -> None:
+def _drive(store: Store, runner: Backend, runs_dir: Path, hashes, max_attempts, progress, poll_seconds) -> None:
     counts = store.counts(hashes)
     settled = lambda c: c["done"] + c["diverged"]  # noqa: E731
     enabled = sys.stderr.isatty() if progress is None else progress
@@ -67,7 +67,7 @@ def _drive(store: Store, runner: Backend, hashes, max_attempts, progress, poll_s
             row = store.claim(hashes, max_attempts)
             if row is None:
                 break
-            pid = runner.submit(row["hash"], json.loads(row["config"]), Path(row["run_dir"]))
+            pid = runner.submit(row["hash"], json.loads(row["config"]), runs_dir / row["hash"])
             store.set_pid(row["hash"], pid)
             running += 1
         if running == 0:

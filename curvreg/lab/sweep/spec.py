@@ -68,5 +68,6 @@ def check_data(points: List[dict]) -> None:
 
 
 def default_db(spec_path) -> Path:
-    """``sweeps/<spec name>/sweep.db``, relative to the working directory."""
-    return Path("sweeps") / Path(spec_path).stem / "sweep.db"
+    """``<spec's folder>/<spec name>/sweep.db``: the same store from any working directory."""
+    spec_path = Path(spec_path).resolve()
+    return spec_path.parent / spec_path.stem / "sweep.db"

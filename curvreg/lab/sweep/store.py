@@ -6,7 +6,9 @@ Tables:
     metrics(hash, epoch, data JSON)          -- one row per finished epoch of each run
     meta(key PK, value)                      -- the spec
 
-status is one of pending, running, done, failed, diverged. Every change is one transaction, so a
+status is one of pending, running, done, failed, diverged. ``run_dir`` is informational: the
+driver always runs a point in ``<store folder>/runs/<hash>`` (rows added by older versions hold
+that path relative to the working directory they were started from, newer ones ``runs/<hash>``). Every change is one transaction, so a
 kill at any moment leaves either the old or the new row, never a torn one.
 """
 from __future__ import annotations
