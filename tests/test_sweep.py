@@ -302,7 +302,7 @@ def test_report_selects_by_validation_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "rep"
     table = (out / "table.md").read_text()
     # lr 0.1 chosen in every column; test = base + 0.02 - 0.01*seed -> mean base + 0.015, std 0.00707
-    assert "| fc512 / cifar10 (ours) | 61.50 ± 0.71 (n=2) | 66.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | 71.50 ± 0.71 (n=2) |" in table
+    assert "| fc512 / cifar10 (ours, 2 epochs) | 61.50 ± 0.71 (n=2) | 66.50 ± 0.71 (n=2) | 64.50 ± 0.71 (n=2) | 71.50 ± 0.71 (n=2) |" in table
     assert "| fc512 / cifar10 (paper) | 64.97 | 70.16 | 69.98 | 71.65 |" in table
     assert "highest mean final validation accuracy" in table
     for f in ("index.md", "runs.csv", "fig1_fc512_cifar10.png", "fig2_fc512_cifar10.png",
@@ -383,3 +383,13 @@ def test_report_regenerates_the_committed_tables(tmp_path, store, committed, arg
         assert (tmp_path / name).read_text() == (root / committed / name).read_text(), (
             f"{committed}/{name} is stale; regenerate it with "
             f"`curvreg report {store} --out {committed} {' '.join(args)}` and commit both")
+
+
+def test_reach_curve_is_the_exact_step_function():
+    # Figure 2: % of configurations whose accuracy reaches each threshold (>=, so a value equal
+    # to the threshold counts); a diverged run (NaN) counts in the total but never reaches one.
+    xs, ys = report.reach_curve([50.0, 60.0, 60.0, float("nan")], 40.0, 70.0)
+    assert xs == [40.0, 50.0, 60.0, 70.0] and ys == [75.0, 50.0, 0.0, 0.0]
+    at = lambda t: next(y for x, y in zip(reversed(xs), reversed(ys)) if x < t) if t > xs[0] else ys[0]  # noqa: E731
+    for t in (45.0, 50.0, 55.0, 60.0, 65.0):  # steps-post: ys[k] holds on (xs[k], xs[k + 1]]
+        assert at(t) == 100 * sum(v >= t for v in (50.0, 60.0, 60.0)) / 4, t

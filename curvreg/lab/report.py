@@ -6,7 +6,7 @@ Reads only the store (never logs or run directories). Writes into ``--out``:
     runs.csv            one line per run: hyperparameters, status, accuracies, Fisher trace
     selected.json       the configuration chosen for each table cell
     fig1_<m>_<d>.png    test accuracy over lr x weight decay, one panel per alpha (shared scale)
-    fig2_<m>_<d>.png    fraction of lr x weight-decay configurations above a test accuracy
+    fig2_<m>_<d>.png    % of lr x weight-decay configurations reaching a test accuracy
                         threshold, against the threshold, one curve per alpha
     curves_<m>_<d>.png  learning curves and empirical Fisher trace of each column's selection
     index.md            links everything
@@ -41,7 +41,8 @@ def caption(select_seed: Optional[int]) -> str:
     return ("Test accuracy (%) at the end of training, mean ± std over seeds (n = number of "
             "seeds). Selection: among the configurations of a column (weight decay = 0 or > 0, "
             "alpha = 0 or > 0; SGD only), the hyperparameter setting (all fields but the seed) "
-            f"with {rule}. Paper: Geng et al., Tables 1-2.")
+            f"with {rule}. Paper: Geng et al., Tables 1-2, which do not state their training "
+            "length; compare a row with the paper's only when its epochs are a full training run.")
 
 
 def column(cfg: dict) -> Optional[str]:
@@ -108,7 +109,9 @@ def table(selected, select_seed: Optional[int] = None) -> str:
     head = "| model / dataset | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
     rows = []
     for (model, data), cols in sorted(selected.items()):
-        rows.append(f"| {model} / {data} (ours) | " + " | ".join(_cell(cols.get(c)) for c in COLUMNS) + " |")
+        epochs = "/".join(str(e) for e in sorted({s["config"]["epochs"] for s in cols.values()}))
+        rows.append(f"| {model} / {data} (ours, {epochs} epochs) | "
+                    + " | ".join(_cell(cols.get(c)) for c in COLUMNS) + " |")
         paper = PAPER.get((model, data))
         if paper:
             rows.append(f"| {model} / {data} (paper) | "
@@ -166,48 +169,75 @@ def grid_accuracy(runs: List[dict], model: str, data: str) -> Dict[float, Dict[t
 
 
 def figure1(grid, title: str, path: Path) -> None:
+    """Test accuracy (%) over lr x weight decay, one panel per alpha, one colour scale; diverged
+    cells are grey and say "div", cells never run are blank."""
     plt = _plt()
+    import matplotlib
     alphas = list(grid)
     lrs = sorted({k[0] for g in grid.values() for k in g})
     wds = sorted({k[1] for g in grid.values() for k in g})
-    vals = [v for g in grid.values() for v in g.values() if not math.isnan(v)]
+    vals = [100 * v for g in grid.values() for v in g.values() if not math.isnan(v)]
     if not vals:
         return
-    vmin, vmax = min(vals), max(vals)
+    norm = matplotlib.colors.Normalize(min(vals), max(vals))
+    cmap = matplotlib.colormaps["viridis"]
     fig, axes = plt.subplots(1, len(alphas), figsize=(3.6 * len(alphas) + 1, 3.4), squeeze=False)
     im = None
     for ax, a in zip(axes[0], alphas):
-        m = [[grid[a].get((lr, wd), float("nan")) for lr in lrs] for wd in wds]
-        im = ax.imshow(m, origin="lower", vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+        m = [[100 * grid[a].get((lr, wd), float("nan")) for lr in lrs] for wd in wds]
+        im = ax.imshow(m, origin="lower", norm=norm, cmap=cmap, aspect="auto")
         for i, row in enumerate(m):
             for j, v in enumerate(row):
-                ax.text(j, i, "div" if math.isnan(v) and (lrs[j], wds[i]) in grid[a] else
-                        ("" if math.isnan(v) else f"{100 * v:.1f}"), ha="center", va="center",
-                        fontsize=7, color="w")
+                if (lrs[j], wds[i]) not in grid[a]:
+                    continue  # not run: blank
+                if math.isnan(v):
+                    ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.75"))
+                    ax.text(j, i, "div", ha="center", va="center", fontsize=7, color="k")
+                else:  # dark text on the bright end of the map, white on the dark end
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                            color="k" if norm(v) > 0.6 else "w")
         ax.set_xticks(range(len(lrs)), [f"{x:g}" for x in lrs], rotation=45)
         ax.set_yticks(range(len(wds)), [f"{x:g}" for x in wds] if ax is axes[0][0] else [])
         ax.set(title=f"alpha = {a:g}", xlabel="learning rate")
     axes[0][0].set_ylabel("weight decay")
-    fig.colorbar(im, ax=list(axes[0]), label="test accuracy")
+    fig.colorbar(im, ax=list(axes[0]), label="test accuracy (%)")
     fig.suptitle(title, y=1.02)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
+def reach_curve(values: List[float], lo: float, hi: float) -> tuple:
+    """The exact step function t -> % of ``values`` >= t on [lo, hi] (NaN, a diverged run,
+    never reaches a threshold but counts in the total), as (xs, ys) for a ``steps-post`` plot:
+    ys[k] holds on (xs[k], xs[k + 1]]."""
+    ok = sorted(v for v in values if not math.isnan(v))
+    n = len(values)
+    xs, ys = [lo], [100 * sum(v >= lo for v in ok) / n]
+    for u in sorted(set(ok)):
+        if lo <= u < hi:
+            xs.append(u)
+            ys.append(100 * sum(v > u for v in ok) / n)
+    xs.append(hi)
+    ys.append(ys[-1])
+    return xs, ys
+
+
 def figure2(grid, title: str, path: Path) -> None:
+    """For each alpha, the % of its lr x wd configurations whose test accuracy reaches each
+    threshold: exact steps, from below the worst configuration to above the best."""
     plt = _plt()
-    vals = [v for g in grid.values() for v in g.values() if not math.isnan(v)]
+    vals = [100 * v for g in grid.values() for v in g.values() if not math.isnan(v)]
     if not vals:
         return
-    lo, hi = min(vals), max(vals)
-    ts = [lo + (hi - lo) * i / 100 for i in range(101)]
+    pad = max(0.5, 0.02 * (max(vals) - min(vals)))
+    lo, hi = min(vals) - pad, max(vals) + pad
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for a, cells in grid.items():
-        v = list(cells.values())
-        ax.plot([100 * t for t in ts], [100 * sum(x > t for x in v if not math.isnan(x)) / len(v) for t in ts],
-                label=f"alpha = {a:g} ({len(v)} configs)")
-    ax.set(xlabel="test accuracy threshold (%)", ylabel="% of lr x wd configurations above",
-           title=title)
+        v = [100 * x for x in cells.values()]
+        xs, ys = reach_curve(v, lo, hi)
+        ax.plot(xs, ys, drawstyle="steps-post", label=f"alpha = {a:g} ({len(v)} configs)")
+    ax.set(xlabel="test accuracy threshold (%)", ylabel="% of lr x wd configurations reaching it",
+           title=title, xlim=(lo, hi), ylim=(-2, 102))
     ax.legend()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -222,9 +252,11 @@ def curves_figure(cols: Dict[str, dict], curves, title: str, path: Path) -> None
             continue
         m = curves[s["hashes"][0]]
         ep = [x["epoch"] for x in m]
-        line, = a.plot(ep, [100 * x["test_acc"] for x in m], label=f"{col} test")
-        a.plot(ep, [100 * x["val_acc"] for x in m], ls="--", color=line.get_color(), label=f"{col} val")
-        b.plot(ep, [x["fisher_trace"] for x in m], color=line.get_color(), label=col)
+        mark = "o" if len(ep) < 10 else None  # a run of a few epochs is still visible
+        line, = a.plot(ep, [100 * x["test_acc"] for x in m], marker=mark, label=f"{col} test")
+        a.plot(ep, [100 * x["val_acc"] for x in m], ls="--", marker=mark, color=line.get_color(),
+               label=f"{col} val")
+        b.plot(ep, [x["fisher_trace"] for x in m], marker=mark, color=line.get_color(), label=col)
     a.set(xlabel="epoch", ylabel="accuracy (%)", title="selected setting, first seed")
     b.set(xlabel="epoch", ylabel="tr(F̄)", yscale="log",
           title="empirical Fisher trace (training examples)")
