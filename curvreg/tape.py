@@ -508,10 +508,13 @@ class GradNormTape:
 
         Returns:
             ``[N // group_size]`` tensor; entry k is ||d/dtheta mean_{i in group k} l_i||^2
-            (so ||g_i||^2 for group_size 1). Not scaled by 1/N.
+            (so ||g_i||^2 for group_size 1). Not scaled by 1/N. An empty batch gives an empty
+            result (still connected to ``losses``, so a backward through it is a no-op).
         """
         self._check_losses(losses)
         n, m = losses.shape[0], self.group_size
+        if n == 0:
+            return losses * 0 if create_graph else losses.detach() * 0
         calls = [c for c in self._calls if c.edges]
         for c in calls:
             c.check_versions()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.func
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -243,3 +244,17 @@ def node_names(root):
             seen.add(fn)
             stack.extend(f for f, _ in fn.next_functions)
     return {type(fn).__name__ for fn in seen}
+
+
+def dense_hessian(model, x, y):
+    """The dense Hessian of the mean cross-entropy over the parameters that require grad
+    (torch.func.hessian), in ``model.parameters()`` order."""
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in trained])
+
+    def loss(v):
+        chunks = v.split([p.numel() for _, p in trained])
+        params = {n: c.view_as(p) for (n, p), c in zip(trained, chunks)}
+        return ce(torch.func.functional_call(model, params, (x,)), y).mean()
+
+    return torch.func.hessian(loss)(flat)

@@ -132,7 +132,24 @@ def test_download_verifies_and_is_atomic(tmp_path, monkeypatch):
 def test_split_and_subset_are_fixed():
     tr, va = split_indices(100, 10, seed=0)
     tr2, va2 = split_indices(100, 10, seed=0)
-    assert np.array_equal(va, va2) and len(set(tr) | set(va)) == 100 and not set(tr) & set(va)
+    assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
+    assert len(set(tr) | set(va)) == 100 and not set(tr) & set(va)
+    assert not np.array_equal(split_indices(100, 10, seed=1)[1], va)
+    # train_subset keeps the first N training-split examples; validation and test are untouched,
+    # and the normalization statistics come from the subset alone
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8),
+              "y_train": np.arange(40) % 10, "x_test": rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8),
+              "y_test": np.arange(6) % 10}
+    full = prepare(arrays, val_size=8, normalization="none")
+    sub = prepare(arrays, val_size=8, train_subset=5, normalization="none")
+    tr, va = split_indices(40, 8, 0)
+    assert torch.equal(sub.y_train, torch.from_numpy(arrays["y_train"][tr[:5]]))
+    assert torch.equal(sub.x_train, full.x_train[:5]) and torch.equal(sub.x_val, full.x_val)
+    assert torch.equal(sub.x_test, full.x_test) and torch.equal(sub.y_val, full.y_val)
+    std = prepare(arrays, val_size=8, train_subset=5)
+    means = std.x_train.mean((0, 2, 3))
+    assert torch.allclose(means, torch.zeros(3), atol=1e-5)  # standardized with the subset's mean
 
 
 def test_augment_is_crop_and_flip():

@@ -43,22 +43,11 @@ def test_diagnostics_example_agrees_with_the_exact_hessian():
     import runpy
 
     import torch
-    from torch.func import functional_call
+    from models import dense_hessian
     ns = runpy.run_path(str(ROOT / "examples" / "diagnostics.py"))
     model, batches, (h, fbar, f, eig) = ns["main"](steps=50)
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def loss(v):
-        parts, i = {}, 0
-        for n, s in zip(names, shapes):
-            parts[n] = v[i:i + s.numel()].view(s)
-            i += s.numel()
-        return torch.nn.functional.cross_entropy(functional_call(model, parts, (x,)), y)
-
-    hess = torch.autograd.functional.hessian(loss, flat)
+    hess = dense_hessian(model, x, y)
     assert abs(h.value - hess.trace().item()) < 4 * h.stderr
     top = torch.linalg.eigvalsh(hess).flip(0)[:3]
     assert eig.converged and torch.allclose(torch.tensor(eig.eigenvalues, dtype=torch.float64), top, rtol=1e-4)

@@ -25,9 +25,14 @@ def run(tmp_path_factory):
 
 def test_cli_writes_sharpness_json(run, capsys):
     args = ["sharpness", str(run), "--subset", "48", "--batch-size", "32", "--probes", "6",
-            "--fisher-labels", "sample", "--fisher-samples", "3", "--eigs", "2", "--device", "cpu"]
+            "--fisher-labels", "sample", "--fisher-samples", "3", "--eigs", "2", "--device", "cpu",
+            "--eig-iters", "3", "--eig-tol", "1e-12", "--progress"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "sharpness: top 2 Hessian eigenvalues (Lanczos, tol 1e-12, at most 3" in captured.err
+    res = json.loads((run / "sharpness.json").read_text())
+    assert res["eigen_iterations"] == 3 and res["eigen_converged"] is False
     assert "tr(F_bar)/tr(H)" in printed and "sharpness.json" in printed
     res = json.loads((run / "sharpness.json").read_text())
     assert res["num_examples"] == 48 and res["mode"] == "eval" and res["epoch"] == 1

@@ -253,15 +253,27 @@ def test_ray_backend_matches_local(tmp_path, capsys):
     assert main(["sweep", str(s), "--db", str(tmp_path / "l.db"), "--workers", "2", "--threads", "1"]) == 0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"CURVREG_DATA": DATA}})
+    # a point that fails inside the task (val_size larger than the training set): retried up
+    # to max_attempts, then failed with the task's error in the store; the other point is done
+    bad = spec(tmp_path, "{lr: [0.02]}", subset=128, name="f.yaml",
+               extra="extra: [{val_size: 50000}]\nmax_attempts: 2\n")
     try:
         assert main(["sweep", str(s), "--db", str(tmp_path / "r.db"), "--workers", "2",
                      "--threads", "1", "--backend", "ray"]) == 0
+        assert main(["sweep", str(bad), "--db", str(tmp_path / "f.db"), "--workers", "2",
+                     "--threads", "1", "--backend", "ray"]) == Exit.FAILED
     finally:
         ray.shutdown()
+    failed, _ = runs_by_hash(tmp_path / "f.db")
+    by_status = {r["status"]: r for r in failed.values()}
+    assert sorted(by_status) == ["done", "failed"] and by_status["failed"]["attempts"] == 2
+    assert "val_size must be in [0, 50000)" in by_status["failed"]["error"]
+    printed = capsys.readouterr().out
+    assert "val_size must be in" in printed  # the failure line says why
+    assert printed.count("runner overhead:") == 3
     local, ls = runs_by_hash(tmp_path / "l.db")
     remote, rs = runs_by_hash(tmp_path / "r.db")
     assert local.keys() == remote.keys() and len(local) == 8
-    assert capsys.readouterr().out.count("runner overhead:") == 2
     for h in local:
         assert remote[h]["status"] == "done"
         assert curves(rs, h) == curves(ls, h)

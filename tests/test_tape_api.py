@@ -420,3 +420,16 @@ def test_parameter_view_used_outside_its_rule(mode, refusal):
             return
         with pytest.raises(ValueError, match=refusal):
             tape.per_example_sq_grad_norms(loss(out, y))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "probe", "hybrid"])
+def test_an_empty_batch_gives_empty_norms_and_a_no_op_backward(estimator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    with curvreg.GradNormTape(model, estimator=estimator) as tape:
+        out = model(torch.randn(0, 2, 6, 6))
+    losses = F.cross_entropy(out, torch.zeros(0, dtype=torch.long), reduction="none")
+    sq = tape.per_example_sq_grad_norms(losses)
+    assert sq.shape == (0,) and sq.requires_grad
+    (losses.sum() + sq.sum()).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())

@@ -32,7 +32,9 @@ def metrics(run):
 def test_loss_decreases_and_files_written(tmp_path):
     s = train_mod.train({**QUICK, "epochs": 3, "lr": 0.05}, tmp_path / "r", progress=False)
     m = metrics(tmp_path / "r")
-    assert s["status"] == "done" and s["epochs_done"] == 3 and 0 <= s["test_acc"] <= 1
+    assert s["status"] == "done" and s["epochs_done"] == 3
+    assert s["test_acc"] == m[-1]["test_acc"] and s["best_val_acc"] == max(x["val_acc"] for x in m)
+    assert m[-1]["train_acc"] > 0.2  # 10 classes: well above chance after 3 epochs
     assert m[-1]["train_loss"] < m[0]["train_loss"]
     assert all(x["fisher_trace"] > 0 and x["train_sq_grad_norm"] > 0 for x in m)
     for f in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
@@ -262,6 +264,26 @@ def test_bf16_on_cpu_trains_with_the_penalty(tmp_path):
                             progress=False)
     assert s["status"] == "done" and ("cpu", torch.bfloat16, True) in calls
     assert metrics(tmp_path / "r")[0]["train_sq_grad_norm"] > 0
+
+
+def test_json_config_file_and_no_validation_split(tmp_path, capsys):
+    """A JSON --config takes the same fields as flags (flags override it). With val_size 0 the
+    validation metrics are None, not a made-up 0, and selection has nothing to choose from."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**QUICK, "epochs": 1, "alpha": 0.0, "val_size": 0, "lr": 0.5}))
+    assert main(["train", "--config", str(cfg), "--lr", "0.05", "--out", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["lr"] == 0.05 and saved["val_size"] == 0 and saved["epochs"] == 1
+    m = metrics(tmp_path / "r")[0]
+    assert m["val_acc"] is None and m["val_loss"] is None and m["test_acc"] > 0.1
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["best_val_acc"] is None and s["test_acc"] == m["test_acc"]
+    assert "val_acc -" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
 
 
 def test_bad_data_leaves_no_run_directory(tmp_path, capsys):

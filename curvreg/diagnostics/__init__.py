@@ -2,7 +2,8 @@
 
 Objective: L(theta) = mean of l_i over every example in ``batches`` (accumulated batch by batch).
 """
-from .hessian import (hessian_quadratic_form, hessian_trace, hessian_vector_product, model_mode,
+from .common import model_mode
+from .hessian import (hessian_quadratic_form, hessian_trace, hessian_vector_product,
                       top_hessian_eigenvalues)
 from .fisher import empirical_fisher_trace, fisher_trace
 from .spectrum import SpectralDensity, hessian_spectral_density, lanczos

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tape import GradNormTape
-from .hessian import _materialize, _params, check_per_example, model_mode
+from .common import check_per_example, materialize, model_mode, trainable_params
 from .trace import TraceEstimate
 
 
@@ -43,8 +43,8 @@ def empirical_fisher_trace(model: nn.Module, loss_fn: Callable, batches: Iterabl
                            generator: Optional[torch.Generator] = None):
     """mean_i ||grad l_i||^2 over every example in ``batches``: exact (a float), or for
     ``batch_norm="unbiased"`` a ``TraceEstimate`` over ``num_draws`` independent estimates."""
-    batches = _materialize(batches)
-    _params(model)
+    batches = materialize(batches)
+    trainable_params(model)
     n = sum(x.shape[0] for x, _ in batches)
     opts = {"batch_norm": batch_norm}
     if batch_norm == "unbiased":
@@ -84,8 +84,8 @@ def fisher_trace(model: nn.Module, batches: Iterable, *, num_samples: int = 8,
         opts.update(num_probes=num_probes, generator=generator)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for an error bar, got {num_samples}")
-    batches = _materialize(batches)
-    _params(model)
+    batches = materialize(batches)
+    trainable_params(model)
     n = sum(x.shape[0] for x, _ in batches)
     ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
 
@@ -101,8 +101,8 @@ def fisher_trace(model: nn.Module, batches: Iterable, *, num_samples: int = 8,
 
 
 def _fisher_all_labels(model, batches, mode, batch_norm) -> TraceEstimate:
-    batches = _materialize(batches)
-    _params(model)
+    batches = materialize(batches)
+    trainable_params(model)
     n = sum(x.shape[0] for x, _ in batches)
     total, classes = 0.0, 0
     with model_mode(model, mode):

@@ -7,75 +7,25 @@ given, and then the previous modes are restored.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .lanczos import lanczos_steps, tridiagonal
 from .quadratic import layers_if_supported, sequential_quadratic_form
+from .common import LossFn, check_per_example, materialize, model_mode, trainable_params
 from .trace import TraceEstimate, hutchinson_trace, hutchpp_trace
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-@contextmanager
-def model_mode(model: nn.Module, mode: Optional[str]):
-    """Temporarily put ``model`` in "train" or "eval" mode (None: leave it as it is), and
-    restore its buffers afterwards: a measurement must not move the running statistics that a
-    training-mode BatchNorm forward updates."""
-    if mode not in (None, "train", "eval"):
-        raise ValueError(f"mode must be None, 'train' or 'eval', got {mode!r}")
-    saved = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    if mode is not None:
-        model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-        with torch.no_grad():
-            for b, value in buffers:
-                b.copy_(value)
-
-
-def _materialize(batches) -> list:
-    batches = list(batches)
-    if not batches or sum(x.shape[0] for x, _ in batches) == 0:
-        raise ValueError("batches is empty: no example to evaluate the loss on")
-    return batches
-
-
-def _params(model) -> List[Tensor]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no parameter with requires_grad=True")
-    if not params[0].is_floating_point():
-        raise TypeError(f"parameters must be floating point, got {params[0].dtype}")
-    return params
-
 
 def batch_mean_loss(model, loss_fn: LossFn, x, y) -> Tensor:
     return check_per_example(loss_fn(model(x), y), x.shape[0]).mean()
 
 
-def check_per_example(losses: Tensor, n: int) -> Tensor:
-    """``losses`` if it is a floating ``[n]`` tensor, else a clear error."""
-    if not losses.is_floating_point():
-        raise TypeError(f"loss_fn must return floating-point losses, got {losses.dtype}")
-    if losses.dim() != 1 or losses.shape[0] != n:
-        raise ValueError(f"loss_fn must return one loss per example, shape [{n}]; got "
-                         f"{tuple(losses.shape)} (use reduction='none')")
-    return losses
-
-
 def hessian_vector_product(model: nn.Module, loss_fn: LossFn, batches: Iterable, vec: Tensor,
                            ) -> Tensor:
     """Exact H v for the flattened parameter vector ``vec`` (double backprop, batch by batch)."""
-    params, batches = _params(model), _materialize(batches)
+    params, batches = trainable_params(model), materialize(batches)
     total = sum(x.shape[0] for x, _ in batches)
     chunks = list(vec.split([p.numel() for p in params]))
     out = torch.zeros_like(vec)
@@ -95,7 +45,7 @@ def hessian_quadratic_form(model: nn.Module, loss_fn: LossFn, batches: Iterable,
     second-order forward propagation (``curvreg.diagnostics.quadratic``, ~1.7x a forward +
     backward); otherwise ``vec . hessian_vector_product`` (~3x).
     """
-    params, batches = _params(model), _materialize(batches)
+    params, batches = trainable_params(model), materialize(batches)
     layers = layers_if_supported(model)
     if layers is None:
         return vec @ hessian_vector_product(model, loss_fn, batches, vec)
@@ -116,8 +66,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable, *, num_p
                   generator: Optional[torch.Generator] = None, distribution: str = "rademacher",
                   method: str = "hutchinson", mode: Optional[str] = None) -> TraceEstimate:
     """tr(H) of the dataset-average loss with a standard error (Hutchinson by default)."""
-    batches = _materialize(batches)
-    params = _params(model)
+    batches = materialize(batches)
+    params = trainable_params(model)
     dim = sum(p.numel() for p in params)
     with model_mode(model, mode):
         mv = lambda v: hessian_vector_product(model, loss_fn, batches, v)  # noqa: E731
@@ -147,7 +97,7 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable
 
     Stops when every wanted Ritz pair has residual <= tol * max(1, |lambda|).
     """
-    batches, params = _materialize(batches), _params(model)
+    batches, params = materialize(batches), trainable_params(model)
     dim = sum(p.numel() for p in params)
     if not 1 <= k <= dim:
         raise ValueError(f"k must be in [1, {dim}], got {k}")

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .lanczos import lanczos_steps, tridiagonal
-from .hessian import LossFn, _materialize, _params, hessian_vector_product, model_mode
+from .common import LossFn, materialize, model_mode, trainable_params
+from .hessian import hessian_vector_product
 from .trace import probes
 
 
@@ -72,7 +73,7 @@ def hessian_spectral_density(model: nn.Module, loss_fn: LossFn, batches: Iterabl
     """
     if num_runs < 1 or num_steps < 1:
         raise ValueError(f"num_runs and num_steps must be >= 1, got {num_runs} and {num_steps}")
-    batches, params = _materialize(batches), _params(model)
+    batches, params = materialize(batches), trainable_params(model)
     dim = sum(p.numel() for p in params)
     mv = lambda v: hessian_vector_product(model, loss_fn, batches, v)  # noqa: E731
     nodes = torch.zeros(num_runs, min(num_steps, dim), dtype=torch.float64)

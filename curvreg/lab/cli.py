@@ -84,6 +84,10 @@ def _sharpness_parser(sub) -> None:
     p.add_argument("--fisher-samples", type=int, default=16, help="label draws for tr(F) when "
                                                                   "sampling (default 16)")
     p.add_argument("--eigs", type=int, default=3, help="top Hessian eigenvalues (default 3)")
+    p.add_argument("--eig-tol", type=float, default=1e-3,
+                   help="Lanczos stops when every residual <= tol * max(1, |lambda|) (default 1e-3)")
+    p.add_argument("--eig-iters", type=int, default=200, help="Lanczos iterations at most (default "
+                                                              "200; the result says if it converged)")
     p.add_argument("--batch-norm", choices=("frozen", "unbiased"),
                    help="measure with BatchNorm normalizing by each batch's statistics (training "
                         "mode) instead of its running ones; see GradNormTape(batch_norm=...)")
@@ -159,7 +163,8 @@ def cmd_sharpness(args) -> int:
     res = run_sharpness(args.run, data_dir=args.data_dir, subset=args.subset,
                         batch_size=args.batch_size, probes=args.probes,
                         fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,
-                        eigs=args.eigs, seed=args.seed, batch_norm=args.batch_norm,
+                        eigs=args.eigs, eig_tol=args.eig_tol, eig_iters=args.eig_iters,
+                        seed=args.seed, batch_norm=args.batch_norm,
                         device=args.device, out=args.out, progress=progress)
     print(f"{res['model']} on {res['num_examples']} {res['dataset']} training examples, "
           f"epoch {res['epoch']}, {res['mode']}")

@@ -75,12 +75,13 @@ def select(runs: List[dict], select_seed: Optional[int] = None) -> Dict[tuple, D
 
     With ``select_seed`` the choice uses only that seed's validation accuracy (so settings
     re-run with extra seeds afterwards are not favoured); the reported test accuracies are
-    still those of every seed of the chosen setting.
+    still those of every seed of the chosen setting. Runs without a validation split
+    (``val_size: 0``) cannot be selected and are left out (they stay in runs.csv).
     """
     groups = defaultdict(lambda: defaultdict(list))
     for r in runs:
         col = column(r["config"])
-        if col is None or r["status"] != "done":
+        if col is None or r["status"] != "done" or r["summary"].get("val_acc") is None:
             continue
         groups[(r["config"]["model"], r["config"]["dataset"], col)][setting_key(r["config"])].append(r)
     out: Dict[tuple, Dict[str, dict]] = defaultdict(dict)

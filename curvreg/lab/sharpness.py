@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,7 @@ def _ratio(a, sa, b, sb) -> dict:
 
 
 def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs: int = 3,
-            eig_tol: float = 1e-3, seed: int = 0, progress: bool = False,
+            eig_tol: float = 1e-3, eig_iters: int = 200, seed: int = 0, progress: bool = False,
             fisher_labels: str = "auto", batch_norm: Optional[str] = None) -> dict:
     """All sharpness quantities of ``model`` (put in eval mode for the duration; with
     ``batch_norm``, its BatchNorms in training mode) on ``batches``."""
@@ -85,6 +86,8 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
         h = curvreg.hutchinson_trace(None, dim, probes, generator=gen(1), dtype=params[0].dtype,
                                      device=params[0].device, quadratic=quadratic)
         bar.close()
+        stage = lambda what: progress and print(f"sharpness: {what}", file=sys.stderr, flush=True)  # noqa: E731
+        stage("empirical Fisher trace")
         fbar = curvreg.empirical_fisher_trace(model, ce, batches, batch_norm=batch_norm,
                                               generator=gen(4))
         fbar_se = getattr(fbar, "stderr", 0.0)
@@ -95,10 +98,13 @@ def measure(model, batches, *, probes: int = 100, fisher_samples: int = 16, eigs
             with torch.no_grad():
                 classes = model(batches[0][0][:1]).shape[1]
             fisher_labels = "all" if classes <= 10 else "sample"
+        stage(f"Fisher trace ({fisher_labels} labels)")
         fish = curvreg.fisher_trace(model, batches, num_samples=fisher_samples, generator=gen(2),
                                     labels=fisher_labels, batch_norm=batch_norm)
+        stage(f"top {eigs} Hessian eigenvalues (Lanczos, tol {eig_tol:g}, at most {eig_iters} "
+              "iterations)")
         top = curvreg.top_hessian_eigenvalues(model, ce, batches, k=eigs, tol=eig_tol,
-                                              max_iter=200, generator=gen(3))
+                                              max_iter=eig_iters, generator=gen(3))
         with torch.no_grad():
             logits = [(model(x), y) for x, y in batches]
     n = sum(len(y) for _, y in logits)
@@ -140,7 +146,8 @@ def table(res: dict) -> str:
 def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 512,
                   probes: int = 100, fisher_samples: int = 16, eigs: int = 3, seed: int = 0,
                   device: str = "auto", out: Optional[Path] = None, progress: bool = False,
-                  fisher_labels: str = "auto", batch_norm: Optional[str] = None) -> dict:
+                  fisher_labels: str = "auto", batch_norm: Optional[str] = None,
+                  eig_tol: float = 1e-3, eig_iters: int = 200) -> dict:
     """Evaluate a saved run and write ``sharpness.json`` (into the run directory by default)."""
     if batch_norm not in (None, "frozen", "unbiased"):
         raise ConfigError(f"--batch-norm must be frozen or unbiased, got {batch_norm!r}")
@@ -164,7 +171,7 @@ def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 
            "alpha": cfg.alpha, "weight_decay": cfg.weight_decay}
     res.update(measure(model, batches, probes=probes, fisher_samples=fisher_samples, eigs=eigs,
                        seed=seed, progress=progress, fisher_labels=fisher_labels,
-                       batch_norm=batch_norm))
+                       batch_norm=batch_norm, eig_tol=eig_tol, eig_iters=eig_iters))
     path = Path(path)
     target = Path(out) if out else (path.parent if path.is_file() else path) / "sharpness.json"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -211,17 +211,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     @torch.no_grad()
-    def evaluate(self, x, y, batch: int = 1000) -> Dict[str, float]:
-        was = self.model.training
-        self.model.eval()
+    def evaluate(self, x, y, batch: int = 1000) -> Dict[str, Optional[float]]:
+        """Mean loss and accuracy in eval mode (restored afterwards, also on an error); None
+        for an empty split (``val_size: 0``), never a made-up 0."""
+        if x.shape[0] == 0:
+            return {"loss": None, "acc": None}
         loss = correct = 0.0
-        for i in range(0, x.shape[0], batch):
-            out = self.model(x[i:i + batch]).float()
-            loss += F.cross_entropy(out, y[i:i + batch], reduction="sum").item()
-            correct += (out.argmax(1) == y[i:i + batch]).sum().item()
-        self.model.train(was)
-        n = max(x.shape[0], 1)
-        return {"loss": loss / n, "acc": correct / n}
+        with curvreg.model_mode(self.model, "eval"):
+            for i in range(0, x.shape[0], batch):
+                out = self.model(x[i:i + batch]).float()
+                loss += F.cross_entropy(out, y[i:i + batch], reduction="sum").item()
+                correct += (out.argmax(1) == y[i:i + batch]).sum().item()
+        return {"loss": loss / x.shape[0], "acc": correct / x.shape[0]}
 
     def fisher_trace(self) -> float:
         """Empirical Fisher trace mean_i ||grad l_i||^2 on the first training examples, in eval
@@ -283,7 +284,7 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 metrics = self.run_epoch()
                 bad = [k for k in ("train_loss", "val_loss", "fisher_trace")
-                       if not math.isfinite(metrics[k])]
+                       if metrics[k] is not None and not math.isfinite(metrics[k])]
                 if bad:
                     raise Diverged(f"non-finite {', '.join(bad)} after epoch {metrics['epoch']}")
                 self.history.append(metrics)
@@ -291,9 +292,10 @@ class Trainer:
                 self._write_metrics()
                 self._log_scalars(metrics)
                 if self.rank == 0 and not self.progress:
-                    print(f"epoch {metrics['epoch']}: train_acc {metrics['train_acc']:.4f} "
-                          f"val_acc {metrics['val_acc']:.4f} test_acc {metrics['test_acc']:.4f} "
-                          f"fisher {metrics['fisher_trace']:.4g}", flush=True)
+                    shown = {k: "-" if metrics[k] is None else f"{metrics[k]:.4f}"
+                             for k in ("train_acc", "val_acc", "test_acc")}
+                    print(f"epoch {metrics['epoch']}: " + " ".join(f"{k} {v}" for k, v in shown.items())
+                          + f" fisher {metrics['fisher_trace']:.4g}", flush=True)
         except Diverged as e:
             status = "diverged"
             print(f"run diverged: {e}", file=sys.stderr)
@@ -304,7 +306,8 @@ class Trainer:
 
     def write_summary(self, status: str) -> dict:
         last = self.history[-1] if self.history else {}
-        best = max(self.history, key=lambda m: m["val_acc"]) if self.history else {}
+        scored = [m for m in self.history if m["val_acc"] is not None]
+        best = max(scored, key=lambda m: m["val_acc"]) if scored else {}
         summary = {
             "status": status, "epochs_done": self.epoch, "seed": self.cfg.seed,
             "test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"),
