@@ -195,7 +195,7 @@ def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
     try:
         def running_with_one_epoch():
             rows = rows_where(db, "running")
-            if rows and Path(rows[0]["run_dir"], "metrics.jsonl").is_file():
+            if rows and (db.parent / "runs" / rows[0]["hash"] / "metrics.jsonl").is_file():
                 return rows[0]
         row = wait_for(running_with_one_epoch, what="a run with a finished epoch")
         os.kill(row["pid"], signal.SIGKILL)
