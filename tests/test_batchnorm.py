@@ -383,6 +383,7 @@ def _sync_bn_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_across_processes_is_refused(tmp_path):
     import socket
     import torch.multiprocessing as mp

@@ -12,6 +12,7 @@ DATA = os.environ.get("CURVREG_DATA", str(ROOT.parent / "shared" / "data"))
 
 
 @pytest.mark.skipif(not Path(DATA, "cifar10.npz").is_file(), reason="no CIFAR-10 copy")
+@pytest.mark.slow
 def test_readme_main_command(tmp_path):
     env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "CURVREG_DATA": DATA}
     out = tmp_path / "run"

@@ -188,6 +188,7 @@ def test_missing_data_is_one_clear_error_before_any_run(tmp_path, capsys):
 
 
 @needs_data
+@pytest.mark.slow
 def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
     s = spec(tmp_path, "{lr: [0.05], alpha: [0.01]}", epochs=3, subset=512)
     db = tmp_path / "k" / "sweep.db"
@@ -217,6 +218,7 @@ def test_sigkill_of_a_worker_resumes_the_run_exactly(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_sigkill_of_the_whole_sweep_loses_nothing(tmp_path):
     s = spec(tmp_path, "{lr: [0.02, 0.05, 0.1]}", epochs=2, subset=512)
     db = tmp_path / "w" / "sweep.db"
@@ -247,6 +249,7 @@ def test_sigkill_of_the_whole_sweep_loses_nothing(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_ray_backend_matches_local(tmp_path, capsys):
     ray = pytest.importorskip("ray")
     s = spec(tmp_path, "{lr: [0.02, 0.05], weight_decay: [0.0, 0.0005], alpha: [0.0, 0.01]}", subset=128)

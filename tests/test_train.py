@@ -207,6 +207,7 @@ def test_resnet20_trains_with_the_penalty_through_batch_norm(tmp_path):
     assert json.loads((out / "config.json").read_text())["batch_norm"] == "unbiased"
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_match_single_process(tmp_path):
     # 250 examples in batches of 63: every step splits unevenly (31/32, last 30/31), and each
     # rank's mean is weighted by its share, so the update is still the global batch's.

@@ -13,7 +13,7 @@ from curvreg.reference import loop_sq_grad_norms
 from models import ce
 from zoo import ZOO, build
 
-pytestmark = pytest.mark.zoo
+pytestmark = [pytest.mark.zoo, pytest.mark.slow]
 
 # name -> what the refusal must say (an op PyTorch cannot differentiate twice, or a layout)
 REFUSED = {
