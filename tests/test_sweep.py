@@ -177,6 +177,20 @@ def test_failed_runs_are_retried_up_to_the_limit(tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().err
 
 
+def test_a_systematic_failure_stops_the_sweep_early(tmp_path, capsys):
+    # Every point fails the same way: the driver stops after STOP_AFTER identical failures
+    # instead of spending max_attempts on every point; the rest stay pending for a rerun.
+    s = spec(tmp_path, "{lr: [0.01, 0.05, 0.1]}", extra="max_attempts: 3\n")
+    s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, val_size: 60000"))
+    db = tmp_path / "f.db"
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1", "--no-progress"]) == 1
+    runs = runs_by_hash(db)[0].values()
+    assert sum(r["attempts"] for r in runs) == 3
+    assert sorted(r["status"] for r in runs) == ["failed", "pending", "pending"]
+    assert "stopping: the last 3 attempts failed with the same error (ValueError: val_size" in \
+        capsys.readouterr().out
+
+
 def test_missing_data_is_one_clear_error_before_any_run(tmp_path, capsys):
     s = spec(tmp_path, "{lr: [0.05, 0.1]}")
     s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, data_dir: /nonexistent"))

@@ -51,19 +51,27 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
         return store.counts(hashes)
 
 
-def _drive(store: Store, runner: Backend, runs_dir: Path, hashes, max_attempts, progress, poll_seconds) -> None:
+STOP_AFTER = 3  # consecutive failed attempts with the same error that stop a sweep
+
+
+def _drive(store: Store, runner: Backend, runs_dir: Path, hashes, max_attempts, progress,
+           poll_seconds) -> None:
+    """Claim, submit and record until no point is claimable, or until ``STOP_AFTER``
+    consecutive attempts failed with the same last error line (a systematic failure: the
+    remaining points stay pending, and the next run of the command resumes them)."""
     counts = store.counts(hashes)
     settled = lambda c: c["done"] + c["diverged"]  # noqa: E731
     enabled = sys.stderr.isatty() if progress is None else progress
     bar = progress_bar(len(hashes), "runs", enabled)
     bar.update(settled(counts))
+    say = getattr(bar, "write", None) or (lambda text: print(text, flush=True))
     best = _best(store)
-    running = 0
+    running, streak, stopping = 0, [], False
     stats = {"run_seconds": 0.0, "execute_seconds": 0.0, "driver_busy": 0.0}
     wall = time.perf_counter()
     while True:
         busy = time.perf_counter()
-        while runner.free() > 0:
+        while runner.free() > 0 and not stopping:
             row = store.claim(hashes, max_attempts)
             if row is None:
                 break
@@ -82,17 +90,22 @@ def _drive(store: Store, runner: Backend, runs_dir: Path, hashes, max_attempts, 
             acc = (out.get("summary") or {}).get("val_acc")
             if acc is not None and (best is None or acc > best):
                 best = acc
+            why = (out.get("error") or "").strip().splitlines()[-1:] if out["status"] == "failed" else []
+            streak = streak + why if why else []
             if out["status"] in ("done", "diverged"):
                 bar.update(1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(best_val=f"{best:.4f}" if best is not None else "-")
-            else:
+            if not hasattr(bar, "set_postfix") or why:
                 c = store.counts(hashes)
-                why = (out.get("error") or "").strip().splitlines()[-1:] if out["status"] == "failed" else []
-                print(f"[{settled(c)}/{len(hashes)}] {h} {out['status']}"
-                      + (f" val_acc {acc:.4f}" if acc is not None else "")
-                      + (f" (best {best:.4f})" if best is not None else "")
-                      + (f": {why[0][:300]}" if why else ""), flush=True)
+                say(f"[{settled(c)}/{len(hashes)}] {h} {out['status']}"
+                    + (f" val_acc {acc:.4f}" if acc is not None else "")
+                    + (f" (best {best:.4f})" if best is not None else "")
+                    + (f": {why[0][:300]}" if why else ""))
+            if len(streak) >= STOP_AFTER and len(set(streak[-STOP_AFTER:])) == 1 and not stopping:
+                stopping = True
+                say(f"stopping: the last {STOP_AFTER} attempts failed with the same error "
+                    f"({streak[-1][:300]}); fix it and run the command again to resume")
         stats["driver_busy"] += time.perf_counter() - busy
         time.sleep(poll_seconds)
     bar.close()
