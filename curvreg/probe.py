@@ -49,6 +49,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
 
+from .exact import promote_one
 from .ops import ElementwiseAffine, NormalizedAffine, TransposedLinear
 
 ESTIMATORS = ("exact", "probe", "hybrid")
@@ -217,3 +218,71 @@ def _children_see_constants(module: nn.Module, names: Sequence[str]):
     finally:
         for h in handles:
             h.remove()
+
+
+# ------------------------------------------------------------------------ the estimators
+def _group_sum(t: Tensor, m: int) -> Tensor:
+    return t.view(-1, m).sum(1)
+
+
+def probe_dot(work, vs, n: int) -> Optional[Tensor]:
+    """Per example, g_i . v over the parameters named in ``work`` ((call, deltas, names));
+    ``vs`` maps parameter ids to their probes."""
+    dot = None
+    for c, d, names in work:
+        local = {k: vs[key] for k, key in zip(c.names, c.keys) if k in names}
+        tangents = local_tangents(c, names, local)
+        for t, delta, dim in zip(tangents, d, c.dims):
+            if delta is None:
+                continue
+            part = (promote_one(delta) * promote_one(t)).movedim(dim, 0).reshape(n, -1).sum(1)
+            dot = part if dot is None else dot + part
+    return dot
+
+
+def probe_sq_norms(work, params: Dict[int, tuple], n: int, m: int, num_probes: int,
+                   distribution: str, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    """(1/K) sum_k (g_group . v_k)^2 over the parameters named in ``work``; None if empty.
+    Probes are drawn in model order (``params``), so estimates are reproducible."""
+    if not work:
+        return None
+    keys = {key for c, _, names in work for k, key in zip(c.names, c.keys) if k in names}
+    order = [key for key in params if key in keys]
+    est = None
+    for _ in range(num_probes):
+        vs = {key: draw(params[key][1], distribution, generator) for key in order}
+        g = _group_sum(probe_dot(work, vs, n), m)
+        est = g * g if est is None else est + g * g
+    return est / num_probes
+
+
+def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple], n: int, m: int,
+                      num_probes: int, distribution: str, generator: Optional[torch.Generator],
+                      control_variate: bool, create_graph: bool) -> Tensor:
+    """The probed part of ``batch_norm="unbiased"``, per group, over the parameters ``reach``:
+    (1/K) sum_k (G_k . v_k)^2 (``bn_estimator="probe"``) or (1/K) sum_k [(G_k . v_k)^2 -
+    (U_k . v_k)^2] (``"control_variate"``), where G_k . v is a directional derivative of
+    the loss vector through the true graph, statistics included: with a dummy w,
+    a = J^T w (one backward, graph kept) and J v = d <a, v> / dw (double backward)."""
+    order = [key for key in params if key in reach]
+    w = torch.zeros_like(losses, requires_grad=True)
+    a = torch.autograd.grad(losses, [params[key][1] for key in order], w,
+                            create_graph=True, allow_unused=True)
+    used = [(key, t) for key, t in zip(order, a) if t is not None]
+    work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in reach]) for c, d in live]
+    work = [item for item in work if control_variate and item[2]]
+    est = torch.zeros(n // m, dtype=losses.dtype, device=losses.device)
+    for _ in range(num_probes):
+        vs = {key: draw(params[key][1], distribution, generator) for key in order}
+        dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
+        if used:
+            proj = sum((t * dense[key]).sum() for key, t in used)
+            g = _group_sum(torch.autograd.grad(proj, w, create_graph=create_graph,
+                                               retain_graph=True)[0], m)
+            est = est + g * g
+        u = probe_dot(work, vs, n) if work else None
+        if u is not None:
+            u = _group_sum(u, m)
+            est = est - u * u
+    est = est / num_probes
+    return est if create_graph else est.detach()

@@ -28,12 +28,12 @@ def test_fused_gradient_equals_plain_autograd(case):
     model, x, y = build(case, n=5)
     params = [p for p in model.parameters() if p.requires_grad]
     obj, tape = objective(model, x, y, fuse=True)
-    assert tape._holders, "the fused path was not taken"
+    assert tape.recording.holders, "the fused path was not taken"
     assert "LinearInputGradBackward" in node_names(obj.grad_fn)
     fused = torch.autograd.grad(obj, params)
-    assert all(not h.stash for h in tape._holders)  # every stash was consumed
+    assert all(not h.stash for h in tape.recording.holders)  # every stash was consumed
     obj_plain, tape_plain = objective(model, x, y, fuse=False)
-    assert not tape_plain._holders
+    assert not tape_plain.recording.holders
     assert "LinearInputGradBackward" not in node_names(obj_plain.grad_fn)
     plain = torch.autograd.grad(obj_plain, params)
     assert torch.allclose(obj, obj_plain, rtol=1e-13, atol=0)
@@ -68,7 +68,7 @@ def test_partial_and_repeated_backward_do_not_reuse_stashes():
         gx = torch.autograd.grad(obj, x, retain_graph=True)[0]
         torch.autograd.grad(obj, logits, retain_graph=True)
         if fuse:
-            assert any(h.stash for h in tape._holders)  # left behind by the logits-only pass
+            assert any(h.stash for h in tape.recording.holders)  # left behind by the logits-only pass
         obj.backward(retain_graph=True)
         obj.backward()
         grads.append((gx, flat([p.grad for p in model.parameters()])))
@@ -84,12 +84,12 @@ def test_not_fused_for_sequences_or_detached_values():
     model, x, y = build("linear_seq_gram", n=3)
     with curvreg.GradNormTape(model, fuse_linear=True) as tape:
         model(x)
-    assert len(tape._holders) == 1  # only the final Linear sees a 2-D input
+    assert len(tape.recording.holders) == 1  # only the final Linear sees a 2-D input
     model, x, y = build("mlp", n=3)
     with curvreg.GradNormTape(model, fuse_linear=True) as tape:
         out = model(x)
     sq = tape.per_example_sq_grad_norms(ce(out, y), create_graph=False)
-    assert not sq.requires_grad and len(tape._holders) == 2
+    assert not sq.requires_grad and len(tape.recording.holders) == 2
 
 
 def test_auto_policy_fuses_only_wide_layers():
@@ -100,4 +100,4 @@ def test_auto_policy_fuses_only_wide_layers():
     for n, expect in ((4, 1), (32, 0)):
         with curvreg.GradNormTape(model) as tape:
             model(torch.randn(n, 5, dtype=torch.float64))
-        assert len(tape._holders) == expect
+        assert len(tape.recording.holders) == expect

@@ -97,7 +97,7 @@ def test_kronecker_tangents_equal_the_dense_probe(case):
     with curvreg.GradNormTape(model) as tape:
         model(x)
     gen = torch.Generator().manual_seed(0)
-    for call in tape._calls:
+    for call in tape.recording.calls:
         names = list(call.names)
         vs = {k: draw(getattr(call.module, k), "kronecker", gen) for k in names}
         assert isinstance(vs["weight"], KronProbe)

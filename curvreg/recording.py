@@ -1,0 +1,464 @@
+"""The tape's record of a forward: which op or module call used which trainable parameter.
+
+``Recording.start()`` registers forward hooks on the modules that hold trainable parameters and
+enters a ``TorchFunctionMode`` that sees every torch op. Each op that a rule covers
+(``curvreg.ops``: F.linear, convolutions, embedding, norms, elementwise scale/shift) becomes a
+``Call`` of a small shell module, whatever module makes it; other parameter uses are counted
+toward the innermost module call (the exact per-example loop takes them). Along the way it
+refuses what it cannot take: batch statistics that mix examples, ops without a second
+derivative, parameters used by a module they do not belong to. ``stop()`` removes everything.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import batchnorm, fused, ops
+from .probe import LINEAR_IN_PARAMS
+
+
+class Call:
+    """One recorded call of a module that used trainable parameters.
+
+    Its outputs are kept as gradient edges (autograd node, output number), the targets of the
+    delta pass, not as tensors: a module's output is often dead after the next op (a ReLU saves
+    its own result), and holding it would keep one activation per layer alive through the whole
+    step. Calls without an exact rule (fallback) and probe estimators re-run the module and
+    compare, so they keep the tensors too (``outputs``; otherwise ``None``).
+    A side effect: an in-place op on a rule layer's output (``nn.ReLU(inplace=True)``) is
+    harmless, since delta is taken at the edge recorded before it.
+    """
+
+    __slots__ = ("module", "path", "args", "kwargs", "edges", "outputs", "index", "versions",
+                 "names", "keys", "op", "position_wise", "dims", "origin")
+
+    def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool,
+                 op: Optional[str] = None, position_wise: bool = False):
+        self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
+        self.op, self.position_wise = op, position_wise  # op: set for op-level calls (curvreg.ops)
+        self.origin = None  # for an output expanded to the batch: the edge of the unexpanded one
+        floats = _float_tensors(output)
+        self.index = [i for i, t in enumerate(floats) if t.requires_grad]  # recorded outputs
+        self.edges = [get_gradient_edge(floats[i]) for i in self.index]
+        # ``by_rule``: a rule (or a closed-form probe tangent) will handle this module, which
+        # also needs one output and the module's own parameters (see ``curvreg.exact``).
+        by_rule = by_rule and len(self.index) == 1 and all(k in module._parameters for k in used)
+        self.outputs = None if by_rule else [floats[i] for i in self.index]
+        self.names = sorted(used)                 # parameter names relative to ``module``
+        self.keys = [used[k] for k in self.names]  # id() of each parameter
+        self.versions = [t._version for t in self._tensors()]
+        self.dims = _example_dims(module, [floats[i] for i in self.index])
+
+    @property
+    def where(self) -> str:
+        """``module 'path' (Type)`` or ``op F.linear in module 'path'``, for messages."""
+        if self.op is not None:
+            return f"op {self.op} in module '{self.path}'"
+        return f"module '{self.path}' ({type(self.module).__name__})"
+
+    def _tensors(self):
+        flat = _flat(self.args) + (_flat(self.kwargs) if self.kwargs else [])
+        return [t for t in flat if isinstance(t, Tensor)] + list(self.outputs or ())
+
+    def check_versions(self):
+        if any(t._version != v for t, v in zip(self._tensors(), self.versions)):
+            what = "an input or output" if self.outputs else "an input"
+            raise RuntimeError(
+                f"{what} of {self.where} was modified in place after its forward (for "
+                "example by nn.ReLU(inplace=True) or x.add_()); per-example gradients would be "
+                "wrong. Use out-of-place ops (inplace=False) in the taped model.")
+
+
+class _UsageMode(TorchFunctionMode):
+    """Sees every torch op of the forward, to learn which module call used which parameter."""
+
+    def __init__(self, rec: "Recording"):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rec = self.rec
+        if not rec.recording:
+            return func(*args, **kwargs)
+        refused = ops.NO_DOUBLE_BACKWARD.get(func)
+        if refused is not None and _needs_grad(args, kwargs):
+            raise ValueError(f"{refused[0]} in module '{rec._where()}' has no second derivative "
+                             "in PyTorch, so a penalty on gradients through it cannot be trained. "
+                             f"Use {refused[1]} instead.")
+        if (func is F.batch_norm and batchnorm.uses_batch_stats(args, kwargs)
+                and rec._over_examples(args[0] if args else kwargs.get("input"))):
+            if rec.batch_norm:
+                return rec._batch_stats_norm(args, kwargs)
+            if _needs_grad(args, kwargs):
+                raise ValueError(_mixing_message(
+                    rec._where(), "F.batch_norm", "normalizes with the statistics of the batch, so "
+                    "each loss depends on the other examples"))
+        if func in _BROADCASTING and rec.unbatched and len(args) == 2:
+            args = rec._broadcast(args)
+        if (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
+            holder = fused.Holder()
+            rec.holders.append(holder)
+            out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
+                                          holder)
+        else:
+            out = func(*args, **kwargs)
+        rec._on_op(func, args, kwargs, out)
+        return out
+
+
+def _flat(obj) -> list:
+    """Leaves of a pytree, with fast paths for a tensor and a flat tuple."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, tuple) and all(isinstance(a, Tensor) for a in obj):
+        return list(obj)
+    return tree_flatten(obj)[0]
+
+
+def _needs_grad(args, kwargs) -> bool:
+    """Whether any tensor argument of an op requires grad."""
+    return any(isinstance(t, Tensor) and t.requires_grad for t in _flat((args, kwargs)))
+
+
+def _float_tensors(obj) -> List[Tensor]:
+    return [t for t in _flat(obj) if isinstance(t, Tensor) and t.is_floating_point()]
+
+
+def _path(paths: Dict[int, str], module: nn.Module) -> str:
+    return paths.get(id(module)) or "<root>"
+
+
+def _mixing_reason(module: nn.Module, batch_norm: Optional[str]) -> Optional[str]:
+    """Why the tape cannot take ``module`` in its current mode, or None."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None
+    batch_stats = module.training or module.running_mean is None
+    if (batch_stats and batch_norm and isinstance(module, nn.SyncBatchNorm)
+            and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return ("is a SyncBatchNorm in training mode across processes; the tape's batch-statistics "
+                "semantics cover one process's batch. Convert it to BatchNorm per rank (statistics "
+                "of the local batch) or put it in eval mode")
+    if batch_stats and not batch_norm:
+        state = "in training mode" if module.training else "without running statistics"
+        return (f"is a BatchNorm {state}: each loss depends on the other examples through the "
+                "batch statistics, so per-example gradients are not separable")
+    return None
+
+
+def _example_dims(module: nn.Module, outputs: List[Tensor]) -> List[int]:
+    """The example dimension of each recorded output: 0, except for sequence-first layers."""
+    if isinstance(module, nn.RNNBase):  # output [T, N, H] unless batch_first; h_n, c_n [L, N, H]
+        return [0 if (i == 0 and module.batch_first) else 1 for i in range(len(outputs))]
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return [1 if t.dim() == 3 else 0 for t in outputs]  # attention weights are [N, T, S]
+    return [0] * len(outputs)
+
+
+def _op_tensors(args, kwargs):
+    """Plain (non-Parameter) tensors among an op's arguments, one level into lists/tuples."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, Tensor) and not isinstance(b, nn.Parameter))
+
+
+def _op_params(args, kwargs):
+    """Parameters among an op's arguments (one level into lists/tuples, as torch ops take)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, nn.Parameter):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if isinstance(b, nn.Parameter))
+
+
+# ops at which an unbatched rule-op output is expanded to the batch (GradNormTape._broadcast)
+_BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
+                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
+
+
+class Recording:
+    """The calls of one taped forward, with what the tape's options say about them.
+
+    Args:
+        model: the taped module.
+        batch_norm: the tape's ``batch_norm`` option (None refuses batch statistics).
+        module_rules: module types whose calls a user rule takes whole.
+        estimator: the tape's estimator (a user module rule needs the exact one, or a module
+            linear in its parameters).
+        fuse_linear: the ``curvreg.fused`` policy.
+        switch: the ``batchnorm.Switch`` that holds batch statistics constant in the delta pass.
+    """
+
+    def __init__(self, model: nn.Module, *, batch_norm: Optional[str], module_rules: frozenset,
+                 estimator: str, fuse_linear, switch: "batchnorm.Switch"):
+        self.model, self.batch_norm, self.module_rules = model, batch_norm, module_rules
+        self.estimator, self.fuse_linear, self.switch = estimator, fuse_linear, switch
+        self.params: Dict[int, tuple] = {}
+        self.paths: Dict[int, str] = {}
+        self._handles: list = []
+        self._mode: Optional[_UsageMode] = None
+        self.recording = False
+        self.reset()
+
+    def reset(self):
+        self.calls: List[Call] = []
+        self.outside: List[tuple] = []  # (param name, op output) for uses outside any module
+        self._stack: List[list] = []
+        self.holders: List[fused.Holder] = []  # one per fused F.linear call
+        self.n: Optional[int] = None
+        # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
+        # until a broadcasting op meets them with the batch (see _broadcast)
+        self.unbatched: Dict[int, tuple] = {}
+        self.bn_reach: List[frozenset] = []  # per batch-statistics normalization: the ids of
+        # the parameters used before it (see curvreg.batchnorm)
+        self._seen: set = set()       # ids of the parameters used so far in the forward
+        self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
+        # id of a reshaped view of a parameter (ops.VIEWS) -> (view, Parameter, module that made
+        # it): consumed by an elementwise rule as the parameter itself, otherwise a use of the
+        # parameter (see _on_op, _post_hook and the view check in _deltas)
+        self.views: Dict[int, tuple] = {}
+        self.view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
+        self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
+
+    def start(self) -> None:
+        """Check the model's modules, register the hooks and enter the op mode."""
+        self.params = {id(p): (n, p) for n, p in self.model.named_parameters() if p.requires_grad}
+        self.paths = {id(m): p for p, m in self.model.named_modules()}
+        for path, module in self.model.named_modules():
+            reason = _mixing_reason(module, self.batch_norm)
+            if reason:
+                raise ValueError(_mixing_message(path or "<root>", type(module).__name__, reason))
+        self.reset()
+        self._local: Dict[int, Dict[int, str]] = {}
+        try:
+            for module in self._modules_with_params():
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
+            # The fused attention kernels have no double backward; the math kernel computes the
+            # same function with differentiable ops (nested calls included).
+            self._sdpa = sdpa_kernel(SDPBackend.MATH)
+            self._sdpa.__enter__()
+            self._mode = _UsageMode(self)
+            self._mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        self.recording = True
+
+    def stop(self, *exc) -> None:
+        """Leave the op mode and remove the hooks (also after an exception)."""
+        self.recording = False
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._sdpa.__exit__(*exc)
+        self._remove()
+
+    def _modules_with_params(self):
+        """Modules whose subtree holds a trainable parameter (only these can use one)."""
+        for module in self.model.modules():
+            if module is self.model or any(id(p) in self.params for p in module.parameters()):
+                yield module
+
+    def _remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles, self._mode, self._stack = [], None, []
+
+    def _pre_hook(self, module, args):
+        if not self.recording:
+            return
+        with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+            self._enter_call(module, args)
+
+    def _enter_call(self, module, args):
+        reason = _mixing_reason(module, self.batch_norm)
+        if reason:
+            raise ValueError(_mixing_message(_path(self.paths, module), type(module).__name__, reason))
+        if module is self.model:
+            self._check_batch(args)
+        self._stack.append([module, {}])
+
+    def _check_batch(self, args):
+        first = next((t for t in _flat(args) if isinstance(t, Tensor) and t.dim()), None)
+        if first is None:
+            return
+        n = first.shape[0]
+        if self.n is not None and n != self.n:
+            raise ValueError(f"the model's forward ran twice inside one tape with different batch "
+                             f"sizes ({self.n}, then {n}); use one tape per forward pass")
+        self.n = n
+
+    def _post_hook(self, module, args, kwargs, output):
+        if not self.recording or not self._stack or self._stack[-1][0] is not module:
+            return
+        with torch._C.DisableTorchFunction():
+            for vid, (view, param, maker) in list(self.views.items()):
+                if maker is module and vid not in self.view_calls:
+                    # no rule consumed this view: the view op was an ordinary use by ``module``
+                    self._attribute(module, param, view)
+                    del self.views[vid]
+        _, used = self._stack.pop()
+        if used:
+            with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+                self._record(module, args, kwargs, output, used)
+
+    def _record(self, module, args, kwargs, output, used):
+        # A module rule (passed by the user) or a closed-form probe tangent needs no outputs; the
+        # fallback and the probes' generic jvp re-run the module and compare with them.
+        by_rule = type(module) in self.module_rules and (self.estimator == "exact"
+                                                          or type(module) in LINEAR_IN_PARAMS)
+        if not by_rule and any((id(module), key) in self._view_covered for key in used.values()):
+            raise ValueError(
+                f"module '{_path(self.paths, module)}' ({type(module).__name__}) uses a parameter "
+                "both through a reshaped view consumed by an elementwise rule and in an op no "
+                "rule covers; the per-example loop cannot separate the two. Use the parameter "
+                "in one form (e.g. store it in the shape it is applied in).")
+        if not by_rule and id(module) in self._bn_inside:
+            raise ValueError(
+                f"module '{_path(self.paths, module)}' ({type(module).__name__}) uses parameters "
+                "without an exact rule and normalizes with batch statistics inside its forward; "
+                "the per-example loop cannot re-run it one example at a time. Give it a rule "
+                "(GradNormTape(rules=...)), or put its BatchNorm in eval mode.")
+        self.calls.append(Call(module, _path(self.paths, module), args, kwargs, output,
+                                 used, by_rule))
+
+    def _broadcast(self, args):
+        """Expand an unbatched rule-op output to the batch where it meets batched data.
+
+        ``x + pos`` with pos = embedding(position_ids [1, T]) is [N, T, d] + [1, T, d]; replacing
+        pos by its expansion to [N, T, d] computes the same sum, and the expansion's gradient
+        row i is d l_i / d pos. The op's call is re-pointed at the expansion, with its inputs
+        expanded alike, so its rule sees an ordinary per-example call. Every other use of pos
+        is checked at the delta pass (``origin``)."""
+        with torch._C.DisableTorchFunction():
+            a, b = args
+            n = self.n
+            for i, (t, other) in enumerate(((a, b), (b, a))):
+                entry = self.unbatched.get(id(t)) if isinstance(t, Tensor) else None
+                if (entry is None or entry[1] is not t or not isinstance(other, Tensor)
+                        or other.dim() < t.dim() or other.dim() == 0 or other.shape[0] != n):
+                    continue
+                call = entry[0]
+                if call.origin is not None or len(call.edges) != 1:
+                    continue
+                pad = other.dim() - t.dim()
+                if pad == 0 and t.shape[0] != 1:
+                    continue
+                rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (other.dim() - 1)))
+                x = call.args[0]
+                call.args = (x.reshape((1,) * pad + tuple(x.shape)).expand(n, *([-1] * (x.dim() + pad - 1))),
+                             ) + tuple(call.args[1:])
+                call.origin = call.edges[0]
+                call.edges = [get_gradient_edge(rep)]
+                del self.unbatched[id(t)]
+                return (rep, b) if i == 0 else (a, rep)
+        return args
+
+    def _where(self) -> str:
+        return _path(self.paths, self._stack[-1][0]) if self._stack else "<outside modules>"
+
+    def _over_examples(self, x) -> bool:
+        """Whether a batch-statistics normalization of ``x`` is over the examples: not a
+        normalization of a parameter's view (weight standardization, as timm's StdConv2d), and
+        the leading dim is the batch."""
+        if not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
+            return False
+        if isinstance(x._base, nn.Parameter):
+            return False
+        return self.n is None or x.dim() == 0 or x.shape[0] == self.n
+
+    def _batch_stats_norm(self, args, kwargs):
+        """F.batch_norm with batch statistics under ``batch_norm=...`` (``curvreg.batchnorm``):
+        the normalization through gates, then its affine step recorded as an op call."""
+        with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+            self._bn_inside.update(id(module) for module, _ in self._stack)
+            xhat, w, b = batchnorm.normalize(args, kwargs, self.switch)
+            self.bn_reach.append(frozenset(self._seen))
+            shell = ops.NormalizedAffine(w, b)
+            out = shell(xhat)
+            names = {k: id(t) for k, t in (("weight", w), ("bias", b))
+                     if isinstance(t, Tensor) and id(t) in self.params}
+            if names:
+                self._seen.update(names.values())
+                self.calls.append(Call(shell, self._where(), (xhat,), None, out, names, True,
+                                         op="F.batch_norm (batch statistics)"))
+        return out
+
+    def _on_op(self, func, args, kwargs, out):
+        used = [a for a in _op_params(args, kwargs) if id(a) in self.params]
+        views = {id(t): entry[1] for t in _op_tensors(args, kwargs)
+                 for entry in [self.views.get(id(t))] if entry is not None and entry[0] is t}
+        if (func in ops.VIEWS and len(used) == 1 and not views and args and args[0] is used[0]
+                and isinstance(out, Tensor) and self._stack):
+            self.views[id(out)] = (out, used[0], self._stack[-1][0])  # see _post_hook
+            return
+        used += [p for p in views.values() if all(p is not a for a in used)]
+        if not used:
+            return
+        self._seen.update(id(a) for a in used)
+        module = self._stack[-1][0] if self._stack else None
+        use = None
+        if module is None or type(module) not in self.module_rules:
+            use = ops.match(func, args, kwargs, self.params, views)
+        if use is not None:  # an op rule covers these parameters (see also _covered)
+            with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
+                names = {k: id((use.owners or {}).get(k, use.shell._parameters[k])) for k in use.names}
+                self._view_covered.update((id(module), id(p)) for p in (use.owners or {}).values())
+                call = Call(use.shell, self._where(), use.inputs, None, out, names,
+                             True, op=use.op, position_wise=use.position_wise)
+                for k in (use.owners or {}):
+                    self.view_calls.setdefault(id(use.shell._parameters[k]), []).append(call)
+                self.calls.append(call)
+                if (isinstance(out, Tensor) and self.n is not None and self.n > 1
+                        and (out.dim() == 0 or out.shape[0] != self.n)):
+                    self.unbatched[id(out)] = (call, out)
+            covered = set(names.values())
+            used = [a for a in used if id(a) not in covered]
+        if used and not any(t.requires_grad for t in _float_tensors(out)):
+            return  # no gradient flows through it: p.dtype, p.shape, p.size(), a comparison...
+        for a in used:
+            self._attribute(module, a, out)
+
+    def _attribute(self, module, a, out):
+        """Count parameter ``a``'s use in an op no op rule covers toward ``module``'s call."""
+        entry = self.params[id(a)]
+        if module is None:
+            self.outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
+            return
+        local = self._local.get(id(module))
+        if local is None:
+            local = {id(p): n for n, p in module.named_parameters()}
+            self._local[id(module)] = local
+        name = local.get(id(a))
+        if name is None:
+            raise ValueError(f"module '{_path(self.paths, module)}' uses parameter "
+                             f"'{entry[0]}', which belongs to neither it nor its children; "
+                             "per-example gradients of that use cannot be attributed. "
+                             "Move the parameter into the module that uses it.")
+        self._stack[-1][1][name] = id(a)
+
+    def covered(self, func, args, kwargs) -> set:
+        """ids of the parameters an op rule covers in this call (for the fallback's re-run)."""
+        try:
+            use = ops.match(func, args, kwargs, self.params)
+        except ops.BatchStatistics:
+            return set()
+        return set() if use is None else {id(use.shell._parameters[k]) for k in use.names}
+
+
+def _mixing_message(path: str, kind: str, reason: str) -> str:
+    return (f"module '{path}' ({kind}) {reason}. Pass GradNormTape(..., batch_norm='unbiased') "
+            "for an unbiased estimate of the true per-example norms (statistics coupling "
+            "included), or batch_norm='frozen' for the exact norms with this batch's statistics "
+            "held constant (a different quantity); or put the BatchNorm in eval mode "
+            "(module.eval()), or use GroupNorm/LayerNorm.")
