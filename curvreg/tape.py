@@ -297,6 +297,8 @@ class GradNormTape:
         with self._delta_pass():
             grads = torch.autograd.grad(losses[j], [e for _, e, _ in targets], retain_graph=True,
                                         allow_unused=True)
+        if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+            return  # a diverged model (NaN or inf) proves nothing; check again next time
         for (c, _, dim), g in zip(targets, grads):
             if g is None:
                 continue

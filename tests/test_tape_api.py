@@ -433,3 +433,17 @@ def test_an_empty_batch_gives_empty_norms_and_a_no_op_backward(estimator):
     assert sq.shape == (0,) and sq.requires_grad
     (losses.sum() + sq.sum()).backward()
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_the_independence_check_is_not_fooled_by_a_diverged_model():
+    # A model whose weights became NaN (a diverged run) must not be reported as mixing
+    # examples: the check cannot conclude, so it passes and runs again on the next call.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with curvreg.GradNormTape(model, check_independence="always") as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+    assert sq.shape == (5,) and not torch.isfinite(sq).all()

@@ -38,6 +38,9 @@ class Diverged(RuntimeError):
     pass
 
 
+CHECK_EVERY = 32  # steps between the host reads of the epoch sums (divergence check)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,14 +179,12 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(cfg, t)
         n_global = x.shape[0]
-        lo, hi = self.rank * n_global // self.world, (self.rank + 1) * n_global // self.world
+        lo, hi = self._slices(n_global)[self.rank]
         xs, ys = x[lo:hi], y[lo:hi]
         weight = (hi - lo) / n_global  # local mean -> share of the global mean
 
         def closure() -> curvreg.Objective:
             obj = self._objective(xs, ys, alpha)
-            if not torch.isfinite(obj.value).all():
-                raise Diverged(f"non-finite objective {obj.value.item()} at epoch {t:.3f}")
             self.opt.zero_grad(set_to_none=True)
             (obj.value * weight).backward()
             if self.world > 1:
@@ -198,16 +199,24 @@ class Trainer:
             obj = perturbed_gradient(self.model.parameters(), closure, cfg.rho,
                                      beta=1.0 if cfg.method == "sam" else cfg.gnp_beta)
         self.opt.step()
+        # Device-side sums only (no host sync in the step): loss, correct, penalty, and whether
+        # the objective was non-finite; run_epoch reads them every CHECK_EVERY steps.
         with torch.no_grad():
             losses, sq = obj.losses, obj.sq_norms
             zero = losses.new_zeros(())
             stats = torch.stack([losses.sum(), (obj.output.argmax(1) == ys).sum().float(),
-                                 losses.new_tensor(float(hi - lo)),
                                  sq.sum() if sq is not None else zero,
-                                 losses.new_tensor(float(sq.numel())) if sq is not None else zero])
+                                 (~torch.isfinite(obj.value)).float()])
             if self.world > 1:
                 dist.all_reduce(stats)
-        return {"stats": stats, "lr": self.opt.param_groups[0]["lr"], "alpha": alpha}
+        m = cfg.group_size
+        n_sq = sum((b - a) // m for a, b in self._slices(n_global)) if sq is not None else 0
+        return {"stats": stats, "n": n_global, "n_sq": n_sq, "lr": self.opt.param_groups[0]["lr"],
+                "alpha": alpha}
+
+    def _slices(self, n: int):
+        """(lo, hi) of each rank's slice of a global batch of ``n``."""
+        return [(r * n // self.world, (r + 1) * n // self.world) for r in range(self.world)]
 
     # ------------------------------------------------------------------ epochs
     @torch.no_grad()
@@ -237,7 +246,8 @@ class Trainer:
         cfg, d = self.cfg, self.data
         gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "shuffle", self.epoch))
         steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
-        sums = torch.zeros(5, device=self.device)
+        sums = torch.zeros(4, device=self.device)
+        n = n_sq = 0
         start = time.perf_counter()
         bar = progress_bar(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress and self.rank == 0)
         info = {}
@@ -245,10 +255,17 @@ class Trainer:
                                                   do_augment=cfg.augment)):
             info = self.step(x, y, self.epoch + k / steps)
             sums += info["stats"]
+            n, n_sq = n + info["n"], n_sq + info["n_sq"]
             bar.update(1)
+            if (k + 1) % CHECK_EVERY == 0 or k + 1 == steps:
+                bad = int(sums[3].item())  # the only host sync of the loop
+                if bad:
+                    bar.close()
+                    raise Diverged(f"non-finite objective in {bad} step(s) of epoch {self.epoch + 1} "
+                                   f"(by step {k + 1} of {steps})")
         bar.close()
         seconds = time.perf_counter() - start
-        loss_sum, correct, n, sq_sum, n_sq = sums.tolist()
+        loss_sum, correct, sq_sum, _ = sums.tolist()
         val, test = self.evaluate(d.x_val, d.y_val), self.evaluate(d.x_test, d.y_test)
         self.epoch += 1
         return {"epoch": self.epoch, "train_loss": loss_sum / n, "train_acc": correct / n,
