@@ -31,7 +31,7 @@ def time_steps(name, rounds):
     steps = {"plain": plain_step, "frozen": tape_step(batch_norm="frozen"),
              "probe": tape_step(batch_norm="unbiased"),
              "cv": tape_step(batch_norm="unbiased", bn_estimator="control_variate"), "sam": sam_step}
-    med = medians(steps, (model, opt, x, y), rounds)
+    med, _ = medians(steps, (model, opt, x, y), rounds)
     return {k: med[k] / med["plain"] for k in med}, med["plain"]
 
 

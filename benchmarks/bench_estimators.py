@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import curvreg
 from curvreg.lab.models import build_model
+from bench_step import medians, setup
 
 ALPHA = 0.1
 BATCH = {"fc512": 256, "fc4096": 256, "allcnn": 32}
@@ -33,25 +32,16 @@ def step(model, opt, x, y, estimator=None, k=1, gen=None, distribution="rademach
     opt.step()
 
 
-def speed(name, rounds, k):
-    torch.manual_seed(0)
-    model = build_model(name)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    n = BATCH[name]
-    x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
-    gen = torch.Generator().manual_seed(0)
+def speed(name, rounds, k, device="cpu"):
+    model, opt, x, y = setup(name, BATCH[name], device)
+    opt.param_groups[0]["lr"] = 1e-4
+    gen = torch.Generator(device=device).manual_seed(0)
     variants = {"plain": (None, "rademacher"), "exact": ("exact", "rademacher"),
                 "probe": ("probe", "rademacher"), "hybrid": ("hybrid", "rademacher"),
                 "hybrid-kron": ("hybrid", "kronecker")}
-    times = {v: [] for v in variants}
-    for est, dist in variants.values():
-        step(model, opt, x, y, est, k, gen, dist)
-    for _ in range(rounds):
-        for v, (est, dist) in variants.items():
-            t = time.perf_counter()
-            step(model, opt, x, y, est, k, gen, dist)
-            times[v].append(time.perf_counter() - t)
-    med = {v: statistics.median(t) for v, t in times.items()}
+    steps = {v: (lambda m, o, a, b, _e=est, _d=dist: step(m, o, a, b, _e, k, gen, _d))
+             for v, (est, dist) in variants.items()}
+    med, _ = medians(steps, (model, opt, x, y), rounds, device=device)
     return {v: med[v] / med["plain"] for v in med}, med["plain"]
 
 
@@ -89,14 +79,18 @@ def main():
     ap.add_argument("--probes", type=int, default=1)
     ap.add_argument("--models", nargs="+", default=["allcnn", "fc512", "fc4096"], choices=list(BATCH))
     ap.add_argument("--noise-batches", type=int, nargs="+", default=[32, 256])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for the speed table")
+    ap.add_argument("--no-noise", action="store_true", help="only the speed table")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, K={args.probes}")
     print("| model | batch | plain step (ms) | exact | probe | hybrid | hybrid, Kronecker probes |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
-        r, plain = speed(name, args.rounds, args.probes)
+        r, plain = speed(name, args.rounds, args.probes, args.device)
         print(f"| {name} | {BATCH[name]} | {plain * 1e3:.0f} | {r['exact']:.2f}x | {r['probe']:.2f}x "
               f"| {r['hybrid']:.2f}x | {r['hybrid-kron']:.2f}x |", flush=True)
+    if args.no_noise:
+        return
     src = "CIFAR-10 images" if real_batch(2) is not None else "random inputs (no CURVREG_DATA)"
     print(f"\nrelative std of the batch penalty estimate at initialization on {src}, "
           f"{args.draws} draws, K={args.probes}")

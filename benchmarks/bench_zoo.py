@@ -74,17 +74,19 @@ def exact_step(model, opt, x, y):
     return obj.tape.methods
 
 
-def bench(name, rounds):
+def bench(name, rounds, device="cpu", scale=1):
     torch.manual_seed(0)
     model, x, classes = MODELS[name]()
-    y = torch.randint(0, classes, (x.shape[0],))
+    x = x.repeat(scale, *[1] * (x.dim() - 1))  # a larger batch of the same inputs (GPU)
+    model, x = model.to(device), x.to(device)
+    y = torch.randint(0, classes, (x.shape[0],), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", curvreg.FallbackWarning)  # reported in the table instead
         methods = exact_step(model, opt, x, y)  # warm-up; records the methods
     plain_step(model, opt, x, y)
-    med = medians({"plain": plain_step, "exact": exact_step}, (model, opt, x, y), rounds,
-                  warmup=False)
+    med, _ = medians({"plain": plain_step, "exact": exact_step}, (model, opt, x, y), rounds,
+                     warmup=False, device=device)
     kinds = Counter(methods.values())
     fallback = sorted(p for p, m in methods.items() if "fallback" in m)
     return med, kinds, fallback, list(x.shape)
@@ -94,12 +96,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timings)")
+    ap.add_argument("--scale", type=int, default=1, help="batch size multiplier (e.g. 8 on a GPU)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, alpha={ALPHA}")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"cpu, threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, float32, alpha={ALPHA}")
     print("| model | input | plain step (ms) | exact step | target | layers by method | on the loop |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
-        med, kinds, fallback, shape = bench(name, args.rounds)
+        med, kinds, fallback, shape = bench(name, args.rounds, args.device, args.scale)
         ratio = med["exact"] / med["plain"]
         by = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
         print(f"| {name} | {shape} | {med['plain'] * 1e3:.0f} | {ratio:.2f}x | "

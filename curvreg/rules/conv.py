@@ -25,9 +25,18 @@ from ._base import LayerRule, gram_sq_norm, row_sq_norms, sum_groups
 _ConvNd = nn.modules.conv._ConvNd
 
 
-def use_gram(positions: int, ck: int, c_out: int, groups: int) -> bool:
-    """True when the Gram form costs fewer flops than materializing per-example weights."""
-    return positions * (ck + c_out) * groups < ck * c_out
+# Measured time of one Gram-form flop relative to one materialized-form flop (a grouped
+# convolution's weight gradient), per device type: the forms run on different kernels (batched
+# matmuls vs grouped convolutions), whose speeds differ by device. Printed for the device it runs
+# on by benchmarks/bench_conv_forms.py; a device type not listed counts flops alone (1.0).
+GRAM_FLOP_COST = {"cpu": 1.3}  # 2-core CPU, oneDNN: median 1.34 over 10 layer shapes
+
+
+def use_gram(positions: int, ck: int, c_out: int, groups: int, device_type: str = "cpu") -> bool:
+    """True when the Gram form is expected to be faster than materializing per-example weights
+    on ``device_type``: its flops, weighted by ``GRAM_FLOP_COST``, are fewer."""
+    cost = GRAM_FLOP_COST.get(device_type, 1.0)
+    return positions * (ck + c_out) * groups * cost < ck * c_out
 
 
 def _explicit_padding(layer: _ConvNd) -> list:
@@ -185,7 +194,7 @@ def conv_sq_norms(layer: _ConvNd, inputs: Sequence, grad_output: Tensor,
     x = inputs[0]
     ck = layer.weight[0].numel() * layer.groups
     length = grad_output[0, 0].numel() * group
-    if not use_gram(length, ck, grad_output.shape[1], layer.groups):
+    if not use_gram(length, ck, grad_output.shape[1], layer.groups, grad_output.device.type):
         x, padding = _operands(layer, x)
         return out + _MaterializedSqNorm.apply(x, grad_output, layer, padding, group)
     u, d = _group_blocks(layer, x, grad_output, group)
