@@ -26,6 +26,7 @@ def test_the_library_works_without_the_toolkits_dependencies():
             "obj = curvreg.penalized_objective(torch.nn.Linear(3, 2), torch.randn(4, 3),\n"
             "                                  torch.tensor([0, 1, 0, 1]), 0.1)\n"
             "obj.value.backward()\n"
+            "ref = curvreg.reference.loop_sq_grad_norms  # as the README writes it\n"
             "print('ok', tuple(obj.sq_norms.shape), 'numpy' in sys.modules,\n"
             "      any(m.startswith('curvreg.lab') for m in sys.modules))\n")
     assert r.returncode == 0, r.stderr[-2000:]
