@@ -1,6 +1,10 @@
 """Real architectures (torchvision, timm, Hugging Face transformers, torch.nn) in their default
-configurations, built small, float64: the tape's norms and penalty gradients against the
-batch-size-1 loop, or the expected clear refusal. Marked ``zoo``; part of the full suite."""
+configurations, built small, float64, each checked against two independent references, or the
+expected clear refusal: the norms against the batch-size-1 loop and torch.func's vmap(grad)
+(first-order, where vmap can run the model), the penalty gradient against double backprop
+through the loop and a central finite difference of the loop's penalty along a random
+direction (torch.func is not used for the gradient: its double backward through layer_norm and
+batch_norm under vmap is wrong). Marked ``zoo``; part of the full suite."""
 import warnings
 
 import pytest
@@ -8,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import curvreg
-from curvreg.reference import loop_sq_grad_norms
+from curvreg.reference import loop_sq_grad_norms, vmap_sq_grad_norms
 
 from models import ce
 from zoo import ZOO, build
@@ -35,6 +39,34 @@ FALLBACK = {
     "timm_scaled_std_conv": {"0", "2"},                                 # weight standardization
     "timm_resnetv2_bit": None,                                          # every StdConv2d (17)
 }
+
+
+# models torch.func's vmap cannot run (their values are checked against the loop alone)
+NO_VMAP = {"hf_gpt2": "data-dependent control flow (.item()) in its attention mask",
+           "nn_lstm": "the RNN kernels under vmap"}
+
+
+# The penalty is only piecewise smooth through these (a unit crossing a kink, a max switching
+# its argmax): a finite difference there measures the jumps, not the derivative.
+PIECEWISE = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardswish,
+             torch.nn.Hardsigmoid, torch.nn.MaxPool1d, torch.nn.MaxPool2d)
+# Llama's RMSNorm computes in float32: the penalty is smooth at a coarser scale
+FD_STEP = {"hf_llama": (1e-3, 1e-3)}  # name -> (step, tolerance)
+
+
+def finite_difference(model, x, y, params, v, eps=1e-5):
+    """(R(theta + eps v) - R(theta - eps v)) / (2 eps), R the loop's mean penalty."""
+    def shift(scale):
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.add_(d, alpha=scale)
+
+    shift(eps)
+    up = loop_sq_grad_norms(model, ce, x, y).mean()
+    shift(-2 * eps)
+    down = loop_sq_grad_norms(model, ce, x, y).mean()
+    shift(eps)
+    return ((up - down) / (2 * eps)).item()
 
 
 def rel_err(a, b):
@@ -71,3 +103,15 @@ def test_zoo_exact_or_refused(name):
     tol = TOLERANCE.get(name, 1e-8)
     assert rel_err(sq, ref) < tol
     assert rel_err(flat(ours), flat(want)) < tol
+    if name not in NO_VMAP:
+        with sdpa_kernel(SDPBackend.MATH):
+            assert rel_err(sq, vmap_sq_grad_norms(model, ce, x, y)) < tol
+    if any(isinstance(m, PIECEWISE) for m in model.modules()):
+        return  # the gradient's reference is the loop's double backprop alone
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) / p.numel() ** 0.5 for p in params]
+    step, fd_tol = FD_STEP.get(name, (1e-5, 1e-5))
+    with sdpa_kernel(SDPBackend.MATH):
+        fd = 0.3 * finite_difference(model, x, y, params, v, step)
+    ad = sum((g * d).sum() for g, d in zip(ours, v) if g is not None).item()
+    assert abs(ad - fd) <= fd_tol * abs(fd), (ad, fd)
