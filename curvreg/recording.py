@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import batchnorm, fused, ops
+from . import batchnorm, fused, grouped, ops
 from .probe import LINEAR_IN_PARAMS
 
 
@@ -103,11 +103,16 @@ class _UsageMode(TorchFunctionMode):
                     "each loss depends on the other examples"))
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
+        conv = grouped.conv_args(func, args, kwargs) if func in _CONVS else None
         if (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)
             out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
                                           holder)
+        elif conv is not None and id(conv[2]) in rec.params:
+            nd, x, w, b, stride, padding, dilation, groups = conv
+            out = grouped.GroupedConv.apply(x, w, b, nd, stride, padding, dilation, groups,
+                                            rec.switch)
         else:
             out = func(*args, **kwargs)
         rec._on_op(func, args, kwargs, out)
@@ -184,6 +189,9 @@ def _op_params(args, kwargs):
 # ops at which an unbatched rule-op output is expanded to the batch (GradNormTape._broadcast)
 _BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                            Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
+
+
+_CONVS = frozenset({F.conv1d, F.conv2d, F.conv3d})
 
 
 class Recording:

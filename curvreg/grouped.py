@@ -1,0 +1,76 @@
+"""Grouped convolutions inside the tape, with a backward built from first-order convolutions.
+
+The tape's delta pass takes the input gradient of every layer with ``create_graph=True``, and
+the training backward then differentiates it. For a convolution PyTorch records that input
+gradient as a ``ConvolutionBackward`` node, whose own derivative (``_convolution_double_backward``)
+computes the weight term one group at a time: a depthwise 7x7 convolution with 384 channels
+becomes 384 small convolutions per call (ConvNeXt spent a quarter of its regularized step there
+on the CPU). Here the forward is the same ``F.conv{1,2,3}d``; the backward writes the input
+gradient as ``F.conv_transpose{1,2,3}d`` of the output gradient, an ordinary differentiable op
+whose derivatives are single (grouped) convolutions. The weight gradient is
+``torch.nn.grad.conv*_weight``, skipped during the delta pass (which asks for input gradients
+only). Only the tape routes convolutions here (``groups > 1`` and numeric padding); the values
+and every derivative are those of the plain convolution.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+
+
+def _tuple(v, nd: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def conv_args(func, args, kwargs):
+    """``(nd, x, w, b, stride, padding, dilation, groups)`` of a convolution call that this
+    module takes (grouped, numeric padding), else None."""
+    nd = _CONV.get(func)
+    if nd is None:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    vals = [args[i] if len(args) > i else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+    x, w, b, stride, padding, dilation, groups = vals
+    if (not isinstance(groups, int) or groups < 2 or isinstance(padding, str)
+            or not isinstance(x, Tensor) or not isinstance(w, Tensor) or x.dim() != nd + 2):
+        return None
+    return nd, x, w, b, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd), groups
+
+
+class GroupedConv(torch.autograd.Function):
+    """y = F.conv{nd}d(x, w, b, ...), whose input gradient is a transposed convolution."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], nd: int, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int, switch) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.conf = (nd, stride, padding, dilation, groups)
+        ctx.switch = switch
+        return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, w = ctx.saved_tensors
+        nd, stride, padding, dilation, groups = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        if need_x:
+            k = w.shape[2:]
+            out_pad = [x.shape[2 + i] - ((gy.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                         + dilation[i] * (k[i] - 1) + 1) for i in range(nd)]
+            gx = _TRANSPOSE[nd](gy, w, None, stride, padding, out_pad, groups, dilation)
+        if not ctx.switch.frozen:  # the delta pass needs input gradients only
+            if need_w:
+                gw = _WEIGHT_GRAD[nd](x, w.shape, gy, stride, padding, dilation, groups)
+            if need_b:
+                gb = gy.sum([0] + list(range(2, gy.dim())))
+        return gx, gw, gb, None, None, None, None, None, None
