@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import batchnorm, fused, grouped, ops
+from . import attention, batchnorm, fused, grouped, ops
 from .probe import LINEAR_IN_PARAMS
 
 
@@ -101,6 +101,11 @@ class _UsageMode(TorchFunctionMode):
                 raise ValueError(_mixing_message(
                     rec._where(), "F.batch_norm", "normalizes with the statistics of the batch, so "
                     "each loss depends on the other examples"))
+        if func is F.multi_head_attention_forward:
+            thunk = attention.decompose(args, kwargs)
+            if thunk is not None:
+                with self:  # re-enter: the projections inside are recorded as rule ops
+                    return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
         conv = grouped.conv_args(func, args, kwargs) if func in _CONVS else None

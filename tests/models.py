@@ -90,6 +90,8 @@ class SharedPair(nn.Module):
 
 
 class Attn(nn.Module):
+    """Self-attention: nn.MultiheadAttention runs as rule ops (curvreg.attention)."""
+
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(3, 4)
@@ -100,6 +102,21 @@ class Attn(nn.Module):
         h = self.inp(x)
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
             a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(a.mean(1))
+
+
+class CrossAttn(Attn):
+    """Cross-attention (keys from another projection): PyTorch's opaque function, so the
+    exact per-example loop fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h, m = self.inp(x), self.kv(x)
+        with sdpa_kernel(SDPBackend.MATH):
+            a, _ = self.attn(h, m, m, need_weights=False)
         return self.head(a.mean(1))
 
 
@@ -212,7 +229,8 @@ CASES = {
     "elementwise_scale_shift": (lambda: _seq(nn.Linear(3, 4), LayerScale(4), SeqPool(), nn.Linear(4, 3)),
                                 seq(2, 3)),
     "fallback_prelu_subclass": (lambda: _seq(nn.Linear(5, 4), nn.PReLU(4), nn.Linear(4, 3)), vec()),
-    "fallback_attention": (Attn, seq(3, 3)),
+    "attention": (Attn, seq(3, 3)),
+    "fallback_attention": (CrossAttn, seq(3, 3)),
     "transposed_weights": (TransposedWeights, seq(3, 3)),
     "parameter_views": (lambda: _seq(ViewScale(), nn.Tanh(), Pool(), nn.Linear(4, 3)), img()),
 }

@@ -32,9 +32,7 @@ TOLERANCE = {"hf_llama": 1e-6}
 # every other architecture runs on rules alone. A change either way fails, so improvements and
 # regressions are both noticed (and this list and the README's are updated together).
 FALLBACK = {
-    "tv_vit": {"encoder.layers.encoder_layer_0.self_attention"},       # MHA (one opaque op)
     "tv_swin": {"features.1.0.attn", "features.3.0.attn"},             # relative position bias
-    "nn_transformer_encoder": {"0.layers.0.self_attn"},                 # MHA (one opaque op)
     "nn_lstm": {"gru", "rnn"},                                          # recurrent cells
     "timm_scaled_std_conv": {"0", "2"},                                 # weight standardization
     "timm_resnetv2_bit": None,                                          # every StdConv2d (17)
