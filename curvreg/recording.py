@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention, batchnorm, fused, grouped, ops
+from . import attention, batchnorm, fused, ops, taped_conv
 from .probe import LINEAR_IN_PARAMS
 
 
@@ -108,7 +108,7 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
-        conv = grouped.conv_args(func, args, kwargs) if func in _CONVS else None
+        conv = taped_conv.conv_args(func, args, kwargs) if func in _CONVS else None
         if (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)
@@ -116,7 +116,7 @@ class _UsageMode(TorchFunctionMode):
                                           holder)
         elif conv is not None and id(conv[2]) in rec.params:
             nd, x, w, b, stride, padding, dilation, groups = conv
-            out = grouped.GroupedConv.apply(x, w, b, nd, stride, padding, dilation, groups,
+            out = taped_conv.TapedConv.apply(x, w, b, nd, stride, padding, dilation, groups,
                                             rec.switch)
         else:
             out = func(*args, **kwargs)

@@ -190,14 +190,14 @@ def test_grouped_conv_route_is_the_plain_convolution_to_every_order(nd, shape, s
     from torch.autograd import gradcheck, gradgradcheck
 
     from curvreg.batchnorm import Switch
-    from curvreg.grouped import GroupedConv
+    from curvreg.taped_conv import TapedConv
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(c_out, shape[1] // groups, *(3,) * nd, dtype=torch.float64, generator=gen,
                     requires_grad=True)
     b = torch.randn(c_out, dtype=torch.float64, generator=gen, requires_grad=True)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    f = lambda x, w, b: GroupedConv.apply(x, w, b, nd, (stride,) * nd, (pad,) * nd, (dil,) * nd,  # noqa: E731
+    f = lambda x, w, b: TapedConv.apply(x, w, b, nd, (stride,) * nd, (pad,) * nd, (dil,) * nd,  # noqa: E731
                                           groups, Switch())
     assert torch.equal(f(x, w, b), conv(x, w, b, stride, pad, dil, groups))
     assert gradcheck(f, (x, w, b)) and gradgradcheck(f, (x, w, b))
@@ -212,7 +212,7 @@ def test_depthwise_conv_takes_the_grouped_route_and_stays_exact():
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
     sq = tape.per_example_sq_grad_norms(ce(out, y))
-    assert "GroupedConvBackward" in node_names(out.grad_fn)
+    assert "TapedConvBackward" in node_names(out.grad_fn)
     assert rel_err(sq, loop_sq_grad_norms(model, ce, x, y)) < 1e-9
     params = list(model.parameters())
     ours = torch.autograd.grad(sq.mean(), params)
