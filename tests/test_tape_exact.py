@@ -159,22 +159,26 @@ def test_conv_materialized_penalty_repeated_backward(group_size):
         assert rel_err(a, r) < 1e-9 and rel_err(b, r) < 1e-9
 
 
-def test_gram_form_backward_is_exact_to_every_order():
-    """The Gram form's own backward (2 (B B^T) A, 2 (A A^T) B): gradcheck, gradgradcheck, and a
-    second backward through a retained graph (the saved Grams are freed after the first)."""
+@pytest.mark.parametrize("form", ["gram", "outer"])
+def test_sequence_weight_norm_forms_are_exact_to_every_order(form):
+    """The Gram form (2 (B B^T) A, 2 (A A^T) B) and the materialized form (2 B M, 2 A M^T,
+    M = B^T A) with their own backward: gradcheck, gradgradcheck, and a second backward through
+    a retained graph (the saved products are freed after the first)."""
     from torch.autograd import gradcheck, gradgradcheck
 
-    from curvreg.rules._base import gram_sq_norm
+    from curvreg.rules._base import gram_sq_norm, outer_sq_norm
+    f = gram_sq_norm if form == "gram" else outer_sq_norm
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(3, 5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert gradcheck(gram_sq_norm, (a, b)) and gradgradcheck(gram_sq_norm, (a, b))
-    ref = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
-    torch.testing.assert_close(gram_sq_norm(a, b), ref, rtol=1e-14, atol=0)
-    s = (gram_sq_norm(a, b) * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum()
+    assert gradcheck(f, (a, b)) and gradgradcheck(f, (a, b))
+    ref = torch.bmm(b.transpose(1, 2), a).pow(2).sum((1, 2))
+    torch.testing.assert_close(f(a, b), ref, rtol=1e-13, atol=0)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    s = (f(a, b) * w).sum()
     first = torch.autograd.grad(s, [a, b], retain_graph=True)
     second = torch.autograd.grad(s, [a, b])
-    want = torch.autograd.grad((ref * torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).sum(), [a, b])
+    want = torch.autograd.grad((ref * w).sum(), [a, b])
     for x, y, z in zip(first, second, want):
         torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(y, z, rtol=1e-12, atol=1e-12)

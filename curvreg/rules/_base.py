@@ -116,3 +116,36 @@ class _GramSqNorm(torch.autograd.Function):
 def gram_sq_norm(a: Tensor, b: Tensor) -> Tensor:
     """||sum_t b_t a_t^T||_F^2 = sum_{t,s} <a_t,a_s><b_t,b_s> for ``a: [G, T, p]``, ``b: [G, T, q]``."""
     return _GramSqNorm.apply(a, b)
+
+
+class _OuterSqNorm(torch.autograd.Function):
+    """s_k = ||B_k^T A_k||_F^2 per group (the materialized form of a sequence layer's weight
+    norm) for ``a: [G, T, p]``, ``b: [G, T, q]``; backward from M = B^T A:
+    ds/dA = 2 B M and ds/dB = 2 A M^T, with contiguous operands (autograd's backward of the
+    same expression runs its products on transposed views). Under create_graph M is recomputed
+    with differentiable ops, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        m = torch.bmm(b.transpose(1, 2).contiguous(), a)  # [G, q, p]
+        ctx.save_for_backward(a, b)
+        ctx.m = m
+        return torch.linalg.vector_norm(m.flatten(1), dim=1).square()
+
+    @staticmethod
+    def backward(ctx, s_bar: Tensor):
+        a, b = ctx.saved_tensors
+        m = ctx.m
+        if torch.is_grad_enabled() or m is None:  # create_graph, or a second backward
+            m = torch.bmm(b.transpose(1, 2), a)
+        else:
+            ctx.m = None
+        h = m * (2 * s_bar).reshape(-1, 1, 1)
+        da = torch.bmm(b, h) if ctx.needs_input_grad[0] else None
+        db = torch.bmm(a, h.transpose(1, 2).contiguous()) if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+def outer_sq_norm(a: Tensor, b: Tensor) -> Tensor:
+    """||sum_t b_t a_t^T||_F^2 for ``a: [G, T, p]``, ``b: [G, T, q]``, by materializing the sum."""
+    return _OuterSqNorm.apply(a, b)

@@ -15,7 +15,7 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._base import LayerRule, fold_groups, gram_sq_norm, row_sq_norms
+from ._base import LayerRule, fold_groups, gram_sq_norm, outer_sq_norm, row_sq_norms
 
 
 def use_gram(positions: int, d_in: int, d_out: int) -> bool:
@@ -43,7 +43,7 @@ def linear_sq_norms(layer: nn.Linear, inputs: Sequence, grad_output: Tensor,
         if use_gram(x.shape[1], layer.in_features, layer.out_features):
             out = out + gram_sq_norm(x, d)
         else:
-            out = out + torch.bmm(d.transpose(1, 2), x).pow(2).sum((1, 2))
+            out = out + outer_sq_norm(x, d)
     if "bias" in names:
         out = out + d.sum(1).pow(2).sum(1)
     return out
