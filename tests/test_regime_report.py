@@ -46,6 +46,23 @@ def test_committed_report_regenerates_byte_for_byte(tmp_path):
         pytest.skip("the store has moved on since docs/regimes was generated (a study is "
                     "running); regenerate with: curvreg report sweeps/regimes --study regimes "
                     "--out docs/regimes")
-    out = make_regime_report(STORE, tmp_path)
+    out = make_regime_report(STORE, tmp_path, sharpness=DOCS / "sharpness")
     for name in ("table.md", "selected.json", "regimes.png"):
         assert filecmp.cmp(out / name, DOCS / name, shallow=False), name
+
+
+def test_table_shows_the_sharpness_of_each_seed0_winner(tmp_path):
+    import json
+
+    from curvreg.lab.regime_report import sharpness_by_run, table
+    runs = [run(0, 5e-4, 0.0, 0.50, 0.40), run(0, 2e-3, 0.0, 0.52, 0.30), run(0, 5e-4, 1e-4, 0.6, 0.41)]
+    sel = select(runs)
+    winner = sel["relu, batch 256"]["L2 only"]["hash0"]
+    assert winner == "0-0.002-0.0-sgd"
+    (tmp_path / "l2.json").write_text(json.dumps({"source": f"sweeps/regimes/runs/{winner}",
+                                                  "hessian_trace": {"value": 1379.4, "stderr": 9.8},
+                                                  "top_eigenvalues": [23.94, 21.1]}))
+    text = table(sel, "d", sharpness_by_run(tmp_path))
+    assert "| 1379 ± 10, 23.9 |" in text
+    curv_row = next(line for line in text.splitlines() if "curvature + L2" in line)
+    assert "| – | 1/1 |" in curv_row  # not measured: a dash, not a number

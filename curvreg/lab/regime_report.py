@@ -8,6 +8,9 @@ Reads only the sweep store. Writes into ``--out`` (``docs/regimes/`` for the com
                    paired per-seed difference to L2 only
     selected.json  the selected configurations (input of ``make_regimes_spec.py --seeds-for``)
     regimes.png    the same as a figure: test accuracy and final tr(F_bar) per regime
+With ``sharpness`` (default ``<out>/sharpness`` where it exists), the table also shows tr(H) +-
+s.e. and lambda_1 of each selected configuration's seed-0 model, from the ``curvreg sharpness``
+JSON files in that folder whose ``source`` is that run's directory.
 Selection (fixed in the spec before any run): per regime and method, the configuration whose
 seed-0 run has the best final validation accuracy. The first line of table.md is a digest of
 the store's runs, so a test can tell whether the committed report was made from the committed
@@ -66,6 +69,7 @@ def select(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
             best = max(done, key=lambda s: seed0(s)["summary"]["val_acc"])
             finished = sorted((m for m in best if m["status"] == "done"), key=lambda m: m["config"]["seed"])
             entry.update(config=seed0(best)["config"], val=seed0(best)["summary"]["val_acc"],
+                         hash0=seed0(best)["hash"],
                          seeds=[m["config"]["seed"] for m in finished],
                          test=[m["summary"]["test_acc"] for m in finished],
                          fisher=[m["summary"]["fisher_trace"] for m in finished])
@@ -94,11 +98,28 @@ def _regime_order(name: str) -> tuple:
     return int(batch), ("relu", "gelu").index(act) if act in ("relu", "gelu") else 2, act
 
 
-def table(selected, store_digest: str) -> str:
+def sharpness_by_run(folder: Optional[Path]) -> Dict[str, dict]:
+    """{run hash: ``curvreg sharpness`` result} for the JSON files in ``folder``."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.json")) if folder is not None else []:
+        res = json.loads(path.read_text())
+        out[Path(res["source"]).name] = res
+    return out
+
+
+def _sharpness_cell(res: Optional[dict]) -> str:
+    if res is None:
+        return "–"
+    h = res["hessian_trace"]
+    return f"{h['value']:.0f} ± {h['stderr']:.0f}, {res['top_eigenvalues'][0]:.3g}"
+
+
+def table(selected, store_digest: str, sharpness: Optional[Dict[str, dict]] = None) -> str:
+    sharpness = sharpness or {}
     lines = [f"Store digest: `{store_digest}`", "",
-             "| regime | method | test acc (%) | seeds | final tr(F̄) | budget run | selected "
-             "configuration | Δ vs L2 only (points, paired) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| regime | method | test acc (%) | seeds | final tr(F̄) | tr(H), λ₁ (seed 0) | budget run | "
+             "selected configuration | Δ vs L2 only (points, paired) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for regime in sorted(selected, key=_regime_order):
         cols = selected[regime]
         for method in METHODS:
@@ -107,7 +128,7 @@ def table(selected, store_digest: str) -> str:
                 continue
             budget = f"{e['done']}/{e['budget']}" + ("" if e["done"] == e["budget"] else " (provisional)")
             if "test" not in e:
-                lines.append(f"| {regime} | {method} | – | 0 | – | {budget} | – | – |")
+                lines.append(f"| {regime} | {method} | – | 0 | – | – | {budget} | – | – |")
                 continue
             c = e["config"]
             knobs = [f"wd {c['weight_decay']:g}"]
@@ -118,13 +139,17 @@ def table(selected, store_digest: str) -> str:
             diff = paired_difference(e, cols.get("L2 only", {})) if method != "L2 only" else None
             diff_text = f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else "–"
             lines.append(f"| {regime} | {method} | {_mean_sd(e['test'], 100)} | {len(e['test'])} | "
-                         f"{_mean_sd(e['fisher'], 1.0, 3)} | {budget} | {', '.join(knobs)} | {diff_text} |")
+                         f"{_mean_sd(e['fisher'], 1.0, 3)} | {_sharpness_cell(sharpness.get(e['hash0']))} | "
+                         f"{budget} | {', '.join(knobs)} | {diff_text} |")
     lines += ["", "Test accuracy at the end of training (40 epochs), mean ± std over the seeds of "
               "the selected configuration. Selection: per regime and method, the best seed-0 final "
               "validation accuracy within the budget (4 configurations per method, fixed in "
               "`sweeps/make_regimes_spec.py` before any run). Δ: mean ± standard error of the "
               "per-seed differences to L2 only. tr(F̄) = mean_i ||∇ℓ_i||² on 1,024 training "
-              "examples at the end. \"provisional\": not all of the budget has run yet."]
+              "examples at the end. tr(H) ± s.e. (100 Hutchinson probes) and the top Hessian "
+              "eigenvalue λ₁ of the seed-0 model, from `curvreg sharpness` on its first 2,048 "
+              "training images (– where not measured). \"provisional\": not all of the budget "
+              "has run yet."]
     return "\n".join(lines) + "\n"
 
 
@@ -168,14 +193,16 @@ def figure(selected, path: Path) -> None:
     plt.close(fig)
 
 
-def make_regime_report(src, out: Optional[Path] = None) -> Path:
+def make_regime_report(src, out: Optional[Path] = None, sharpness: Optional[Path] = None) -> Path:
     db, runs, _ = load(src)
     out = Path(out) if out else db.parent / "report"
+    if sharpness is None and (out / "sharpness").is_dir():
+        sharpness = out / "sharpness"
     out.mkdir(parents=True, exist_ok=True)
     if not any(r["status"] == "done" for r in runs):
         raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
     selected = select(runs)
-    (out / "table.md").write_text(table(selected, digest(runs)))
+    (out / "table.md").write_text(table(selected, digest(runs), sharpness_by_run(sharpness)))
     chosen = [e["config"] for regime in sorted(selected, key=_regime_order)
               for m in METHODS for e in [selected[regime].get(m, {})] if "config" in e]
     (out / "selected.json").write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
