@@ -37,6 +37,9 @@ def test_selection_uses_seed_zero_validation_and_reports_every_seed():
     assert n == 3 and mean == pytest.approx(100 * (0.11 + 0.04 + 0.03) / 3)
     assert se == pytest.approx((((11 - 6) ** 2 + (4 - 6) ** 2 + (3 - 6) ** 2) / 2) ** 0.5 / 3 ** 0.5)
     assert paired_difference(sam, l2) is None  # one common seed: no error bar, no claim
+    # stage 2 reruns only final selections: the curvature budget (1 of 2 run) is provisional
+    from curvreg.lab.regime_report import final_selections
+    assert [c["alpha"] for c in final_selections(select(runs))] == [0.0, 0.0]  # L2 only, SAM
 
 
 def test_committed_report_regenerates_byte_for_byte(tmp_path):

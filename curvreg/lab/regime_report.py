@@ -6,7 +6,8 @@ Reads only the sweep store. Writes into ``--out`` (``docs/regimes/`` for the com
                    SAM + L2, GNP + L2): test accuracy of the selected configuration, mean +- std
                    over its seeds, its final tr(F_bar), how much of the budget has run, and the
                    paired per-seed difference to L2 only
-    selected.json  the selected configurations (input of ``make_regimes_spec.py --seeds-for``)
+    selected.json  the selections whose whole budget has run (input of ``make_regimes_spec.py
+                   --seeds-for``; a provisional selection could still change, so it is left out)
     regimes.png    the same as a figure: test accuracy and final tr(F_bar) per regime
 With ``sharpness`` (default ``<out>/sharpness`` where it exists), the table also shows tr(H) +-
 s.e. and lambda_1 of each selected configuration's seed-0 model, from the ``curvreg sharpness``
@@ -193,6 +194,12 @@ def figure(selected, path: Path) -> None:
     plt.close(fig)
 
 
+def final_selections(selected) -> List[dict]:
+    """The selected configurations whose regime and method have run their whole budget."""
+    return [e["config"] for regime in sorted(selected, key=_regime_order) for m in METHODS
+            for e in [selected[regime].get(m, {})] if "config" in e and e["done"] == e["budget"]]
+
+
 def make_regime_report(src, out: Optional[Path] = None, sharpness: Optional[Path] = None) -> Path:
     db, runs, _ = load(src)
     out = Path(out) if out else db.parent / "report"
@@ -203,8 +210,7 @@ def make_regime_report(src, out: Optional[Path] = None, sharpness: Optional[Path
         raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
     selected = select(runs)
     (out / "table.md").write_text(table(selected, digest(runs), sharpness_by_run(sharpness)))
-    chosen = [e["config"] for regime in sorted(selected, key=_regime_order)
-              for m in METHODS for e in [selected[regime].get(m, {})] if "config" in e]
+    chosen = final_selections(selected)
     (out / "selected.json").write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
     figure(selected, out / "regimes.png")
     return out
