@@ -127,24 +127,43 @@ def _ntuple(v, n):
 
 
 _CONV_TYPES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # F.conv{nd}d -> nd
+
+
+class ConvCall(NamedTuple):
+    """The arguments of one ``F.conv{nd}d`` call, spatial ones as nd-tuples (``padding`` may
+    be a string: ``'same'``, ``'valid'``)."""
+
+    nd: int
+    x: object
+    weight: object
+    bias: object
+    stride: tuple
+    padding: object
+    dilation: tuple
+    groups: int
+
+
+def conv_call(nd: int, args, kwargs) -> ConvCall:
+    """``F.conv{nd}d``'s arguments by position or keyword, with its defaults."""
+    padding = _arg(args, kwargs, 4, "padding", 0)
+    return ConvCall(nd, _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"),
+                    _arg(args, kwargs, 2, "bias"), _ntuple(_arg(args, kwargs, 3, "stride", 1), nd),
+                    padding if isinstance(padding, str) else _ntuple(padding, nd),
+                    _ntuple(_arg(args, kwargs, 5, "dilation", 1), nd), _arg(args, kwargs, 6, "groups", 1))
 
 
 def _conv(nd):
     def match(args, kwargs, params):
-        x, w, b = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"),
-                   _arg(args, kwargs, 2, "bias"))
+        c = conv_call(nd, args, kwargs)
+        x, w, b = c.x, c.weight, c.bias
         names = _names({"weight": w, "bias": b}, params)
         if not names or not _data(x, params) or not isinstance(w, Tensor) or x.dim() != nd + 2:
             return None
-        stride = _ntuple(_arg(args, kwargs, 3, "stride", 1), nd)
-        padding = _arg(args, kwargs, 4, "padding", 0)
-        padding = padding if isinstance(padding, str) else _ntuple(padding, nd)
-        dilation = _ntuple(_arg(args, kwargs, 5, "dilation", 1), nd)
-        groups = _arg(args, kwargs, 6, "groups", 1)
         shell = _shell(_CONV_TYPES[nd], {"weight": w, "bias": b},
-                       in_channels=w.shape[1] * groups, out_channels=w.shape[0],
-                       kernel_size=tuple(w.shape[2:]), stride=stride, padding=padding,
-                       dilation=dilation, groups=groups, padding_mode="zeros", transposed=False,
+                       in_channels=w.shape[1] * c.groups, out_channels=w.shape[0],
+                       kernel_size=tuple(w.shape[2:]), stride=c.stride, padding=c.padding,
+                       dilation=c.dilation, groups=c.groups, padding_mode="zeros", transposed=False,
                        output_padding=(0,) * nd)
         return OpUse(f"F.conv{nd}d", shell, (x,), names, False)
     return match

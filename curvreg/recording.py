@@ -108,16 +108,15 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
-        conv = taped_conv.conv_args(func, args, kwargs) if func in _CONVS else None
+        conv = taped_conv.conv_args(func, args, kwargs)
         if (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)
             out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
                                           holder)
-        elif conv is not None and id(conv[2]) in rec.params:
-            nd, x, w, b, stride, padding, dilation, groups = conv
-            out = taped_conv.TapedConv.apply(x, w, b, nd, stride, padding, dilation, groups,
-                                            rec.switch)
+        elif conv is not None and id(conv.weight) in rec.params:
+            out = taped_conv.TapedConv.apply(conv.x, conv.weight, conv.bias, conv.nd, conv.stride,
+                                             conv.padding, conv.dilation, conv.groups, rec.switch)
         else:
             out = func(*args, **kwargs)
         rec._on_op(func, args, kwargs, out)
@@ -173,30 +172,21 @@ def _example_dims(module: nn.Module, outputs: List[Tensor]) -> List[int]:
     return [0] * len(outputs)
 
 
-def _op_tensors(args, kwargs):
-    """Plain (non-Parameter) tensors among an op's arguments, one level into lists/tuples."""
+def _op_args(args, kwargs, parameters: bool):
+    """The Parameters (``parameters=True``) or the plain tensors among an op's arguments, one
+    level into lists/tuples, as torch ops take them."""
+    def pick(a):
+        return isinstance(a, Tensor) and isinstance(a, nn.Parameter) == parameters
     for a in (*args, *kwargs.values()):
-        if isinstance(a, Tensor) and not isinstance(a, nn.Parameter):
+        if pick(a):
             yield a
         elif isinstance(a, (list, tuple)):
-            yield from (b for b in a if isinstance(b, Tensor) and not isinstance(b, nn.Parameter))
+            yield from (b for b in a if pick(b))
 
 
-def _op_params(args, kwargs):
-    """Parameters among an op's arguments (one level into lists/tuples, as torch ops take)."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, nn.Parameter):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (b for b in a if isinstance(b, nn.Parameter))
-
-
-# ops at which an unbatched rule-op output is expanded to the batch (GradNormTape._broadcast)
+# ops at which an unbatched rule-op output is expanded to the batch (Recording._broadcast)
 _BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                            Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
-
-
-_CONVS = frozenset({F.conv1d, F.conv2d, F.conv3d})
 
 
 class Recording:
@@ -343,7 +333,7 @@ class Recording:
                 "the per-example loop cannot re-run it one example at a time. Give it a rule "
                 "(GradNormTape(rules=...)), or put its BatchNorm in eval mode.")
         self.calls.append(Call(module, _path(self.paths, module), args, kwargs, output,
-                                 used, by_rule))
+                               used, by_rule))
 
     def _broadcast(self, args):
         """Expand an unbatched rule-op output to the batch where it meets batched data.
@@ -404,12 +394,12 @@ class Recording:
             if names:
                 self._seen.update(names.values())
                 self.calls.append(Call(shell, self._where(), (xhat,), None, out, names, True,
-                                         op="F.batch_norm (batch statistics)"))
+                                       op="F.batch_norm (batch statistics)"))
         return out
 
     def _on_op(self, func, args, kwargs, out):
-        used = [a for a in _op_params(args, kwargs) if id(a) in self.params]
-        views = {id(t): entry[1] for t in _op_tensors(args, kwargs)
+        used = [a for a in _op_args(args, kwargs, parameters=True) if id(a) in self.params]
+        views = {id(t): entry[1] for t in _op_args(args, kwargs, parameters=False)
                  for entry in [self.views.get(id(t))] if entry is not None and entry[0] is t}
         if (func in ops.VIEWS and len(used) == 1 and not views and args and args[0] is used[0]
                 and isinstance(out, Tensor) and self._stack):
@@ -423,12 +413,12 @@ class Recording:
         use = None
         if module is None or type(module) not in self.module_rules:
             use = ops.match(func, args, kwargs, self.params, views)
-        if use is not None:  # an op rule covers these parameters (see also _covered)
+        if use is not None:  # an op rule covers these parameters (see also covered)
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
                 names = {k: id((use.owners or {}).get(k, use.shell._parameters[k])) for k in use.names}
                 self._view_covered.update((id(module), id(p)) for p in (use.owners or {}).values())
                 call = Call(use.shell, self._where(), use.inputs, None, out, names,
-                             True, op=use.op, position_wise=use.position_wise)
+                            True, op=use.op, position_wise=use.position_wise)
                 for k in (use.owners or {}):
                     self.view_calls.setdefault(id(use.shell._parameters[k]), []).append(call)
                 self.calls.append(call)

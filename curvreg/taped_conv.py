@@ -22,31 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+from .ops import CONV_DIMS, conv_call
+from .rules.conv import CONV, WEIGHT_GRAD
+
 _TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
-                3: torch.nn.grad.conv3d_weight}
-
-
-def _tuple(v, nd: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
 
 
 def conv_args(func, args, kwargs):
     """``(nd, x, w, b, stride, padding, dilation, groups)`` of a convolution call that this
-    module takes (numeric padding, a batched input), else None."""
-    nd = _CONV.get(func)
+    module takes (numeric padding, a batched input, no autocast), else None."""
+    nd = CONV_DIMS.get(func)
     if nd is None:
         return None
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = (None, None, None, 1, 0, 1, 1)
-    vals = [args[i] if len(args) > i else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
-    x, w, b, stride, padding, dilation, groups = vals
-    if (not isinstance(groups, int) or isinstance(padding, str)
-            or not isinstance(x, Tensor) or not isinstance(w, Tensor) or x.dim() != nd + 2
-            or torch.is_autocast_enabled(x.device.type)):  # autocast: PyTorch's own convolution
+    c = conv_call(nd, args, kwargs)
+    if (not isinstance(c.groups, int) or isinstance(c.padding, str)
+            or not isinstance(c.x, Tensor) or not isinstance(c.weight, Tensor) or c.x.dim() != nd + 2
+            or torch.is_autocast_enabled(c.x.device.type)):  # autocast: PyTorch's own convolution
         return None
-    return nd, x, w, b, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd), groups
+    return c
 
 
 class TapedConv(torch.autograd.Function):
@@ -58,7 +51,7 @@ class TapedConv(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.conf = (nd, stride, padding, dilation, groups)
         ctx.switch = switch
-        return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](x, w, b, stride, padding, dilation, groups)
+        return CONV[nd](x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -73,7 +66,7 @@ class TapedConv(torch.autograd.Function):
             gx = _TRANSPOSE[nd](gy, w, None, stride, padding, out_pad, groups, dilation)
         if not ctx.switch.frozen:  # the delta pass needs input gradients only
             if need_w:
-                gw = _WEIGHT_GRAD[nd](x, w.shape, gy, stride, padding, dilation, groups)
+                gw = WEIGHT_GRAD[nd](x, w.shape, gy, stride, padding, dilation, groups)
             if need_b:
                 gb = gy.sum([0] + list(range(2, gy.dim())))
         return gx, gw, gb, None, None, None, None, None, None

@@ -78,11 +78,12 @@ def unfold_patches(layer: _ConvNd, x: Tensor) -> Tensor:
     return cols.reshape(x.shape[0], c * k, -1)
 
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+# nd -> the weight gradient, the input gradient and the function of F.conv{nd}d
+WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                 3: torch.nn.grad.conv3d_weight}
-_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
+INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input,
                3: torch.nn.grad.conv3d_input}
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _operands(layer: _ConvNd, x: Tensor):
@@ -96,7 +97,7 @@ def _batched_weight_grad(layer: _ConvNd, x: Tensor, d: Tensor, padding) -> Tenso
     """``[N, C_out, C_in / g, *kernel]``: the weight gradient of one grouped convolution whose
     N*g groups are the examples (times the layer's groups)."""
     n, c_in, c_out, k = x.shape[0], x.shape[1], d.shape[1], tuple(layer.kernel_size)
-    w = _WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // layer.groups, *k),
+    w = WEIGHT_GRAD[len(k)](x.reshape(1, n * c_in, *x.shape[2:]), (n * c_out, c_in // layer.groups, *k),
                              d.reshape(1, n * c_out, *d.shape[2:]), stride=layer.stride,
                              padding=padding, dilation=layer.dilation, groups=n * layer.groups)
     return w.reshape(n, c_out, c_in // layer.groups, *k)
@@ -158,10 +159,10 @@ class _MaterializedSqNorm(torch.autograd.Function):
         H = H.reshape(n * c_out, *H.shape[2:])
         gx = gd = None
         if ctx.needs_input_grad[1]:
-            gd = _CONV[nd](x.reshape(1, n * c_in, *x.shape[2:]), H, stride=layer.stride, padding=padding,
+            gd = CONV[nd](x.reshape(1, n * c_in, *x.shape[2:]), H, stride=layer.stride, padding=padding,
                            dilation=layer.dilation, groups=n * layer.groups).reshape(d.shape)
         if ctx.needs_input_grad[0]:
-            gx = _INPUT_GRAD[nd]((1, n * c_in, *x.shape[2:]), H, d.reshape(1, n * c_out, *d.shape[2:]),
+            gx = INPUT_GRAD[nd]((1, n * c_in, *x.shape[2:]), H, d.reshape(1, n * c_out, *d.shape[2:]),
                                  stride=layer.stride, padding=padding, dilation=layer.dilation,
                                  groups=n * layer.groups).reshape(x.shape)
         return gx, gd, None, None, None
