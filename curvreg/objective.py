@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .exact import promote_one
 from .tape import GradNormTape
 
 
@@ -26,9 +27,7 @@ class Objective(NamedTuple):
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy; bf16/fp16 outputs are upcast to float32 (float64 stays)."""
-    if output.dtype in (torch.float16, torch.bfloat16):
-        output = output.float()
-    return F.cross_entropy(output, target, reduction="none")
+    return F.cross_entropy(promote_one(output), target, reduction="none")
 
 
 def penalized_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, *,
