@@ -11,6 +11,8 @@ import time
 import typing
 from pathlib import Path
 
+from curvreg import batchnorm
+
 from .config import ConfigError, TrainConfig, choices, field_types, load_config_file
 from .data import DataError
 from .exitcodes import Exit
@@ -88,7 +90,7 @@ def _sharpness_parser(sub) -> None:
                    help="Lanczos stops when every residual <= tol * max(1, |lambda|) (default 1e-3)")
     p.add_argument("--eig-iters", type=int, default=200, help="Lanczos iterations at most (default "
                                                               "200; the result says if it converged)")
-    p.add_argument("--batch-norm", choices=("frozen", "unbiased"),
+    p.add_argument("--batch-norm", choices=batchnorm.MODES,
                    help="measure with BatchNorm normalizing by each batch's statistics (training "
                         "mode) instead of its running ones; see GradNormTape(batch_norm=...)")
     p.add_argument("--seed", type=int, default=0)

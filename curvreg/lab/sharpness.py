@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import curvreg
+from curvreg import batchnorm
 
 from .config import ConfigError, make_config
 from .io import progress_bar, write_json
@@ -149,8 +150,8 @@ def run_sharpness(path, *, data_dir=None, subset: int = 2048, batch_size: int = 
                   fisher_labels: str = "auto", batch_norm: Optional[str] = None,
                   eig_tol: float = 1e-3, eig_iters: int = 200) -> dict:
     """Evaluate a saved run and write ``sharpness.json`` (into the run directory by default)."""
-    if batch_norm not in (None, "frozen", "unbiased"):
-        raise ConfigError(f"--batch-norm must be frozen or unbiased, got {batch_norm!r}")
+    if batch_norm is not None and batch_norm not in batchnorm.MODES:
+        raise ConfigError(f"--batch-norm must be one of {batchnorm.MODES}, got {batch_norm!r}")
     if batch_norm == "unbiased" and fisher_labels == "all":
         raise ConfigError("--fisher-labels all is exact and has no error bar; with --batch-norm "
                           "unbiased use sample (or auto)")

@@ -34,6 +34,7 @@ from .loader import Splits, epoch_batches, prepare
 from .models import build_model
 from .sam import perturbed_gradient
 
+
 class Diverged(RuntimeError):
     pass
 
