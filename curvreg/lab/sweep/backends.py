@@ -28,6 +28,11 @@ class Backend(Protocol):
     def shutdown(self) -> None: ...
 
 
+def failed(error: str, metrics: Optional[List[dict]] = None) -> dict:
+    """The outcome of an attempt that failed with ``error`` (the epochs it finished, if any)."""
+    return {"status": "failed", "summary": None, "metrics": metrics or [], "error": error}
+
+
 def execute(config: dict, run_dir: Path, threads: int) -> dict:
     """Train (or resume) one run in this process; returns its outcome."""
     import torch
@@ -86,8 +91,8 @@ class LocalBackend:
                                      "metrics": metrics, **timing}))
             else:
                 why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-                finished.append((h, {"status": "failed", "summary": None, "metrics": metrics,
-                                     "error": f"worker {why}; log tail:\n{tail(run_dir / 'worker.log')}"}))
+                finished.append((h, failed(f"worker {why}; log tail:\n{tail(run_dir / 'worker.log')}",
+                                           metrics)))
         return finished
 
     def shutdown(self) -> None:
@@ -176,7 +181,6 @@ class RayBackend:
     def submit(self, h: str, config: dict, run_dir: Path) -> None:
         ref = self.task.remote(config, str(run_dir), self.threads)
         self.pending[ref] = h
-        return None
 
     def poll(self) -> List[Tuple[str, dict]]:
         if not self.pending:
@@ -188,8 +192,7 @@ class RayBackend:
             try:
                 finished.append((h, self.ray.get(ref)))
             except self.ray.exceptions.RayError as e:
-                finished.append((h, {"status": "failed", "summary": None, "metrics": [],
-                                     "error": f"ray task failed: {str(e)[-2000:]}"}))
+                finished.append((h, failed(f"ray task failed: {str(e)[-2000:]}")))
         return finished
 
     def shutdown(self) -> None:
@@ -204,8 +207,7 @@ def _ray_task(config: dict, run_dir: str, threads: int) -> dict:
         return execute(config, Path(run_dir), threads)
     except Exception:  # noqa: BLE001 - reported to the driver as a failed attempt
         _, metrics = read_run(Path(run_dir))
-        return {"status": "failed", "summary": None, "metrics": metrics,
-                "error": traceback.format_exc()[-4000:], "host": socket.gethostname()}
+        return {**failed(traceback.format_exc()[-4000:], metrics), "host": socket.gethostname()}
 
 
 BACKENDS = ("local", "ray")  # the --backend names: LocalBackend, RayBackend
