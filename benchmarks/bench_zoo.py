@@ -54,21 +54,21 @@ MODELS = {"resnet18": resnet18, "vit_tiny": vit_tiny, "gpt2_small": gpt2_small,
           "convnext_tiny": convnext_tiny}
 
 
-def logits(model, x):
-    out = model(x)
+def logits(out):
+    """The logits of a model's output (Hugging Face models return an output object)."""
     return out.logits if hasattr(out, "logits") else out
 
 
 def plain_step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(logits(model, x), y).backward()
+    F.cross_entropy(logits(model(x)), y).backward()
     opt.step()
 
 
 def exact_step(model, opt, x, y):
     opt.zero_grad(set_to_none=True)
-    obj = curvreg.penalized_objective(model, x, y, ALPHA, loss_fn=lambda out, t: cross_entropy(
-        out.logits if hasattr(out, "logits") else out, t))
+    obj = curvreg.penalized_objective(model, x, y, ALPHA,
+                                      loss_fn=lambda out, t: cross_entropy(logits(out), t))
     obj.value.backward()
     opt.step()
     return obj.tape.methods

@@ -17,8 +17,9 @@ from curvreg.reference import loop_sq_grad_norms
 from models import build, ce
 
 
-def call_args(mha, x, **kw):
-    """(reference output, the (args, kwargs) the module passed to F.multi_head_attention_forward)."""
+def call_args(mha, q, kv=None, **kw):
+    """(reference output, the (args, kwargs) the module passed to F.multi_head_attention_forward)
+    for self-attention on ``q``, or attention of ``q`` over ``kv``."""
     seen = {}
     real = F.multi_head_attention_forward
 
@@ -26,8 +27,9 @@ def call_args(mha, x, **kw):
         seen["call"] = (a, k)
         return real(*a, **k)
 
+    kv = q if kv is None else kv
     with unittest.mock.patch.object(F, "multi_head_attention_forward", spy):
-        ref = mha(x, x, x, **kw)
+        ref = mha(q, kv, kv, **kw)
     return ref, seen["call"]
 
 
@@ -59,12 +61,8 @@ def test_decomposition_equals_pytorch(kw, batch_first):
 def test_unsupported_calls_go_to_pytorch():
     mha = nn.MultiheadAttention(E, 2, kdim=4, vdim=4).double()
     x, m = torch.randn(L, N, E, dtype=torch.float64), torch.randn(L, N, 4, dtype=torch.float64)
-    seen = {}
-    real = F.multi_head_attention_forward
-    with unittest.mock.patch.object(F, "multi_head_attention_forward",
-                                    lambda *a, **k: seen.setdefault("c", (a, k)) and real(*a, **k)):
-        mha(x, m, m)
-    assert decompose(*seen["c"]) is None  # cross-attention with separate projections
+    _, call = call_args(mha, x, m)
+    assert decompose(*call) is None  # cross-attention with separate projections
 
 
 @pytest.mark.parametrize("case,fallback", [("attention", False), ("fallback_attention", True)])

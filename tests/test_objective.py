@@ -10,20 +10,10 @@ from torch import nn
 
 import curvreg
 from curvreg.lab.config import ConfigError, make_config
+from curvreg.objective import cross_entropy
+from curvreg.reference import loop_sq_grad_norms
 from curvreg.lab.sam import perturbed_gradient
 from curvreg.lab.train import Trainer, alpha_at, lr_at
-
-
-def loop_sq_norms(model, x, y, groups=1):
-    """Squared gradient norms of each group's mean loss, one autograd call per group, kept
-    differentiable (create_graph)."""
-    params = [p for p in model.parameters()]
-    out = []
-    for xs, ys in zip(x.chunk(x.shape[0] // groups), y.chunk(x.shape[0] // groups)):
-        loss = F.cross_entropy(model(xs), ys)  # the group mean
-        g = torch.autograd.grad(loss, params, create_graph=True)
-        out.append(sum(t.pow(2).sum() for t in g))
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("group_size", [1, 2])
@@ -32,7 +22,7 @@ def test_penalized_objective_matches_a_loop_in_value_and_gradient(group_size):
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     obj = curvreg.penalized_objective(model, x, y, 0.3, group_size=group_size)
-    sq = loop_sq_norms(model, x, y, group_size)
+    sq = loop_sq_grad_norms(model, cross_entropy, x, y, group_size=group_size, create_graph=True)
     want = F.cross_entropy(model(x), y) + 0.3 * sq.mean()
     torch.testing.assert_close(obj.sq_norms, sq, rtol=1e-10, atol=0)
     torch.testing.assert_close(obj.value, want, rtol=1e-12, atol=0)
