@@ -159,29 +159,66 @@ def test_conv_materialized_penalty_repeated_backward(group_size):
         assert rel_err(a, r) < 1e-9 and rel_err(b, r) < 1e-9
 
 
+def _outer_reference(a, b):
+    return torch.bmm(b.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("form", ["gram", "outer"])
-def test_sequence_weight_norm_forms_are_exact_to_every_order(form):
+def test_sequence_weight_norm_forms_are_exact_to_every_order(form, scaled):
     """The Gram form (2 (B B^T) A, 2 (A A^T) B) and the materialized form (2 B M, 2 A M^T,
     M = B^T A) with their own backward: gradcheck, gradgradcheck, and a second backward through
-    a retained graph (the saved products are freed after the first)."""
+    a retained graph (the saved products are freed after the first). ``scaled``: groups of
+    sizes 1e-9 to 1e13, which take the power-of-two scaling (``_Pow2Scales``)."""
     from torch.autograd import gradcheck, gradgradcheck
 
-    from curvreg.rules._base import gram_sq_norm, outer_sq_norm
+    from curvreg.rules._base import _Pow2Scales, gram_sq_norm, outer_sq_norm
     f = gram_sq_norm if form == "gram" else outer_sq_norm
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    b = torch.randn(3, 5, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert gradcheck(f, (a, b)) and gradgradcheck(f, (a, b))
-    ref = torch.bmm(b.transpose(1, 2), a).pow(2).sum((1, 2))
+    a = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen)
+    b = torch.randn(3, 5, 2, dtype=torch.float64, generator=gen)
+    if scaled:
+        a = a * torch.tensor([1.0, 1e-7, 1e12], dtype=torch.float64).reshape(3, 1, 1)
+        b = b * torch.tensor([1e-9, 1.0, 1e13], dtype=torch.float64).reshape(3, 1, 1)
+    assert (_Pow2Scales(a, b).ea is not None) == scaled
+    a, b = a.requires_grad_(), b.requires_grad_()
+    if scaled:  # finite differences cannot resolve groups 1e22 apart: a Hessian product instead
+        v = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in (a, b)]
+        got, want = (torch.autograd.grad(torch.autograd.grad(g(a, b).sum(), [a, b], create_graph=True),
+                                         [a, b], v) for g in (f, _outer_reference))
+        for x, y in zip(got, want):
+            for xk, yk in zip(x, y):
+                assert rel_err(xk, yk) < 1e-12
+    else:
+        assert gradcheck(f, (a, b)) and gradgradcheck(f, (a, b))
+    ref = _outer_reference(a, b)
     torch.testing.assert_close(f(a, b), ref, rtol=1e-13, atol=0)
     w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     s = (f(a, b) * w).sum()
     first = torch.autograd.grad(s, [a, b], retain_graph=True)
     second = torch.autograd.grad(s, [a, b])
     want = torch.autograd.grad((ref * w).sum(), [a, b])
-    for x, y, z in zip(first, second, want):
-        torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(y, z, rtol=1e-12, atol=1e-12)
+    for x, y, z in zip(first, second, want):  # group by group: their sizes differ by 1e22
+        for xk, yk, zk in zip(x, y, z):
+            assert rel_err(xk, zk) < 1e-12 and rel_err(yk, zk) < 1e-12
+
+
+@pytest.mark.parametrize("form", ["gram", "outer"])
+def test_sequence_weight_norm_forms_avoid_subnormal_products_in_float32(form):
+    """Deltas of 1e-20 (their products are below float32's smallest normal number, 1.2e-38):
+    the scaled forms (slow unscaled on the CPU, not wrong) give the float64 value and gradients
+    to float32 accuracy."""
+    from curvreg.rules._base import _Pow2Scales, gram_sq_norm, outer_sq_norm
+    f = gram_sq_norm if form == "gram" else outer_sq_norm
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 16, 8, generator=gen, requires_grad=True)
+    b = (torch.randn(2, 16, 6, generator=gen) * 1e-20).requires_grad_()
+    assert _Pow2Scales(a, b).ea is not None
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    s, s64 = f(a, b), _outer_reference(a64, b64)
+    assert rel_err(s.double(), s64) < 1e-5
+    gb, gb64 = torch.autograd.grad(s.sum(), b)[0], torch.autograd.grad(s64.sum(), b64)[0]
+    assert rel_err(gb.double(), gb64) < 1e-5
 
 
 @pytest.mark.parametrize("nd,shape,stride,pad,dil,groups,c_out", [
