@@ -1,8 +1,9 @@
 """Real architectures: exact regularized step / plain step, measured side by side in one process
 (float32), and which method the tape used for each recorded layer.
 
-Models (random init, CPU-sized inputs): torchvision ResNet-18 (BatchNorm in eval mode) and
-ConvNeXt-Tiny at 64x64, timm ViT-Tiny (192 wide, 12 blocks, 3 heads) on 32x32 with 4x4
+Models (random init, CPU-sized inputs): torchvision ResNet-18 (BatchNorm in eval mode),
+ConvNeXt-Tiny and a ResNet-18-sized timm ResNetV2 with BiT's weight-standardized convolutions
+and GroupNorm at 64x64, timm ViT-Tiny (192 wide, 12 blocks, 3 heads) on 32x32 with 4x4
 patches, and a GPT-2-small-shaped classifier (12 layers, 768 wide, 12 heads, T = 128).
 Targets: transformers <= 2.5x, ResNet / ConvNeXt <= 4x, no layer on the per-example loop.
 Usage:
@@ -21,7 +22,8 @@ import curvreg
 from curvreg.objective import cross_entropy
 from bench_step import ALPHA, medians
 
-TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5}
+TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5,
+           "resnetv2_bit": 4.0}
 
 
 def resnet18():
@@ -32,6 +34,13 @@ def resnet18():
 def convnext_tiny():
     import torchvision
     return torchvision.models.convnext_tiny(num_classes=10), torch.randn(8, 3, 64, 64), 10
+
+
+def resnetv2_bit():
+    from timm.models.resnetv2 import ResNetV2  # StdConv2d and GroupNormAct: BiT's layers
+    model = ResNetV2(layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), basic=True,
+                     bottle_ratio=1.0, num_classes=10)
+    return model, torch.randn(16, 3, 64, 64), 10
 
 
 def vit_tiny():
@@ -51,7 +60,7 @@ def gpt2_small():
 
 
 MODELS = {"resnet18": resnet18, "vit_tiny": vit_tiny, "gpt2_small": gpt2_small,
-          "convnext_tiny": convnext_tiny}
+          "convnext_tiny": convnext_tiny, "resnetv2_bit": resnetv2_bit}
 
 
 def logits(out):

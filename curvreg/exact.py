@@ -68,6 +68,8 @@ def exact_sq_norms(live, plan, n: int, m: int, rule_of: Callable, covered: Calla
         rule = rule_of(c)
         if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
             args, delta = promote(*example_view(c, d[0], n))
+            if rule.with_output:
+                args = args + (promote_one(c.output),)  # None: modified in place
             if single:
                 sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, m)
                 total = sq if total is None else total + sq

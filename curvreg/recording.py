@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import attention, batchnorm, fused, ops, taped_conv
 from .probe import LINEAR_IN_PARAMS
+from .rules import std_conv
 
 
 class Call:
@@ -37,10 +38,10 @@ class Call:
     """
 
     __slots__ = ("module", "path", "args", "kwargs", "edges", "outputs", "index", "versions",
-                 "names", "keys", "op", "position_wise", "dims", "origin")
+                 "names", "keys", "op", "position_wise", "dims", "origin", "kept")
 
     def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool,
-                 op: Optional[str] = None, position_wise: bool = False):
+                 op: Optional[str] = None, position_wise: bool = False, keep_output: bool = False):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
         self.op, self.position_wise = op, position_wise  # op: set for op-level calls (curvreg.ops)
         self.origin = None  # for an output expanded to the batch: the edge of the unexpanded one
@@ -51,10 +52,21 @@ class Call:
         # also needs one output and the module's own parameters (see ``curvreg.exact``).
         by_rule = by_rule and len(self.index) == 1 and all(k in module._parameters for k in used)
         self.outputs = None if by_rule else [floats[i] for i in self.index]
+        # ``keep_output``: the rule may read the output (``LayerRule.with_output``); ``output``
+        # gives it, or None once it was modified in place (the rule then recomputes it)
+        self.kept = (floats[self.index[0]], floats[self.index[0]]._version) \
+            if by_rule and keep_output else None
         self.names = sorted(used)                 # parameter names relative to ``module``
         self.keys = [used[k] for k in self.names]  # id() of each parameter
         self.versions = [t._version for t in self._tensors()]
         self.dims = _example_dims(module, [floats[i] for i in self.index])
+
+    @property
+    def output(self) -> Optional[Tensor]:
+        """The kept output of a rule that reads it, if not modified in place since."""
+        if self.kept is None or self.kept[0]._version != self.kept[1]:
+            return None
+        return self.kept[0]
 
     @property
     def where(self) -> str:
@@ -114,7 +126,7 @@ class _UsageMode(TorchFunctionMode):
             rec.holders.append(holder)
             out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
                                           holder)
-        elif conv is not None and id(conv.weight) in rec.params:
+        elif conv is not None and (id(conv.weight) in rec.params or rec._standardized(conv)):
             out = taped_conv.TapedConv.apply(conv.x, conv.weight, conv.bias, conv.nd, conv.stride,
                                              conv.padding, conv.dilation, conv.groups, rec.switch)
         else:
@@ -195,7 +207,9 @@ class Recording:
     Args:
         model: the taped module.
         batch_norm: the tape's ``batch_norm`` option (None refuses batch statistics).
-        module_rules: module types whose calls a user rule takes whole.
+        module_rules: module types whose calls a module rule takes whole (the user's, and
+            the built-in weight-standardized convolutions').
+        output_rules: those of them whose rule reads the call's output.
         estimator: the tape's estimator (a user module rule needs the exact one, or a module
             linear in its parameters).
         fuse_linear: the ``curvreg.fused`` policy.
@@ -203,8 +217,10 @@ class Recording:
     """
 
     def __init__(self, model: nn.Module, *, batch_norm: Optional[str], module_rules: frozenset,
-                 estimator: str, fuse_linear, switch: "batchnorm.Switch"):
+                 estimator: str, fuse_linear, switch: "batchnorm.Switch",
+                 output_rules: frozenset = frozenset()):
         self.model, self.batch_norm, self.module_rules = model, batch_norm, module_rules
+        self.output_rules = output_rules
         self.estimator, self.fuse_linear, self.switch = estimator, fuse_linear, switch
         self.params: Dict[int, tuple] = {}
         self.paths: Dict[int, str] = {}
@@ -333,7 +349,7 @@ class Recording:
                 "the per-example loop cannot re-run it one example at a time. Give it a rule "
                 "(GradNormTape(rules=...)), or put its BatchNorm in eval mode.")
         self.calls.append(Call(module, _path(self.paths, module), args, kwargs, output,
-                               used, by_rule))
+                               used, by_rule, keep_output=type(module) in self.output_rules))
 
     def _broadcast(self, args):
         """Expand an unbatched rule-op output to the batch where it meets batched data.
@@ -366,6 +382,15 @@ class Recording:
                 del self.unbatched[id(t)]
                 return (rep, b) if i == 0 else (a, rep)
         return args
+
+    def _standardized(self, conv) -> bool:
+        """A convolution inside a weight-standardized convolution module (its weight is a
+        function of that module's own weight alone, so the delta pass needs no gradient
+        through it): taken by ``TapedConv`` too."""
+        module = self._stack[-1][0] if self._stack else None
+        return (module is not None and conv.weight.requires_grad
+                and (type(module).__module__, type(module).__name__) in std_conv.CLASSES
+                and type(module) in self.module_rules)
 
     def _where(self) -> str:
         return _path(self.paths, self._stack[-1][0]) if self._stack else "<outside modules>"

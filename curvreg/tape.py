@@ -30,7 +30,7 @@ from . import batchnorm
 from .exact import FallbackWarning, example_view, exact_sq_norms
 from .probe import batch_stats_probe, check_options, hybrid_exact, probe_sq_norms
 from .recording import Call, Recording
-from .rules import LayerRule, merge_rules
+from .rules import LayerRule, merge_rules, std_conv
 
 __all__ = ["GradNormTape", "FallbackWarning"]
 
@@ -109,12 +109,17 @@ class GradNormTape:
         self.generator, self.distribution = generator, distribution
         self.methods: Dict[str, str] = {}
         self.check_independence = check_independence
-        self.rules = merge_rules(rules, allow_override)
-        self._module_rules = frozenset(rules or ())  # applied per module call, not per op
+        # module rules, applied per module call (not per op): the user's, and the built-in
+        # rules of the weight-standardized convolutions the model uses (curvreg.rules.std_conv)
+        found = std_conv.rules_for(model)
+        self.rules = merge_rules({**found, **(rules or {})}, allow_override)
+        self._module_rules = frozenset(found) | frozenset(rules or ())
         # the record of the forward (hooks, op attribution, input checks): curvreg.recording
         self.recording = Recording(model, batch_norm=batch_norm, module_rules=self._module_rules,
                                    estimator=estimator, fuse_linear=fuse_linear,
-                                   switch=batchnorm.Switch())
+                                   switch=batchnorm.Switch(),
+                                   output_rules=frozenset(t for t in self._module_rules
+                                                          if self.rules[t].with_output))
         self._active = False
 
     @property

@@ -30,10 +30,14 @@ class LayerRule(NamedTuple):
         sq_norms: optional ``(layer, inputs, grad_output, names, group) -> [G]``, the value
             sum_{p in names} ||S_k(p)||^2 computed without materializing S_k (the "ghost norm").
             When ``None`` the tape squares the output of ``grads``.
+        with_output: the call's output is appended to ``inputs`` (a rule that reads a
+            quantity the forward already computed instead of recomputing it); None if it was
+            modified in place after the call, so the rule must be able to do without it.
     """
 
     grads: GradsFn
     sq_norms: Optional[SqNormsFn] = None
+    with_output: bool = False
 
 
 def fold_groups(t: Tensor, group: int) -> Tensor:
