@@ -104,7 +104,6 @@ def _moments(layer, inputs, delta, group):
 
 def std_conv_sq_norms(layer: nn.Module, inputs: Sequence, grad_output: Tensor,
                       names: Sequence[str], group: int) -> Tensor:
-    x = inputs[0]
     out = grad_output.new_zeros(grad_output.shape[0] // group)
     if "bias" in names:
         out = out + sum_groups(grad_output.flatten(2).sum(2), group).pow(2).sum(1)
