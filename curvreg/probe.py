@@ -39,16 +39,20 @@ prints the measured noise beside the dense probes'.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import batchnorm
 from .exact import promote_one
 from .ops import ElementwiseAffine, NormalizedAffine, TransposedLinear
 
@@ -256,26 +260,99 @@ def probe_sq_norms(work, params: Dict[int, tuple], n: int, m: int, num_probes: i
     return est / num_probes
 
 
+# Torch functions whose forward-mode derivative PyTorch also differentiates backward correctly,
+# each checked against double backprop in tests/test_batchnorm.py. A forward that called only
+# these gets its directional derivatives from one forward-mode re-run (F.batch_norm written
+# with elementary ops: see batchnorm.explicit); any other function keeps the double backward.
+# Left out on purpose: layer_norm and group_norm (the backward through their forward-mode
+# derivative is 14-97% off), cross_entropy / log_softmax / logsumexp (theirs fails with an
+# in-place error in torch 2.14), dropout (the re-run would draw new masks).
+FORWARD_AD_FUNCS = frozenset({
+    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.relu, F.gelu, F.silu, torch.tanh,
+    torch.sigmoid, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d,
+    F.pad, torch.cat, torch.flatten, Tensor.flatten, Tensor.add, Tensor.add_, Tensor.__add__,
+    Tensor.__iadd__, Tensor.mul, Tensor.__mul__, Tensor.dim, Tensor.size, Tensor.__getitem__,
+    Tensor.view, Tensor.reshape, Tensor.mean, Tensor.relu, torch.relu,
+    # reads to Python numbers (BatchNorm's momentum=None reads num_batches_tracked)
+    Tensor.__float__, Tensor.__int__, Tensor.__bool__, Tensor.__len__, Tensor.item})
+
+
+def forward_ad_ready(rec) -> bool:
+    """Whether ``rec``'s forward can be re-run in forward mode (see ``FORWARD_AD_FUNCS``)."""
+    return rec.root is not None and rec.funcs <= FORWARD_AD_FUNCS
+
+
+def _rerun_tangents(rec, tangents: Dict[int, Tensor]) -> list:
+    """Tangents of the model's outputs along ``tangents`` ({parameter id: direction}), from one
+    forward-mode re-run of the recorded call on the same inputs and parameters. Buffers are
+    cloned so that running statistics update once, in the taped forward."""
+    args, kwargs, _ = rec.root
+    names = {key: rec.params[key][0] for key in tangents}
+    buffers = {k: b.clone() for k, b in rec.model.named_buffers()}
+    recording, rec.recording = rec.recording, False  # a re-run inside ``with`` is not recorded
+    try:
+        with fwAD.dual_level(), _ExplicitBatchNorm():
+            with warnings.catch_warnings():  # PyTorch's first make_dual loads jit decompositions
+                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+                duals = {names[key]: fwAD.make_dual(rec.params[key][1], v)
+                         for key, v in tangents.items()}
+            out = functional_call(rec.model, {**buffers, **duals}, args, kwargs or {})
+            return [fwAD.unpack_dual(t).tangent for t in _outputs(out)]
+    finally:
+        rec.recording = recording
+
+
+class _ExplicitBatchNorm(TorchFunctionMode):
+    """F.batch_norm as elementary ops (``batchnorm.explicit``) during a forward-mode re-run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.batch_norm:
+            return batchnorm.explicit(args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+def _outputs(out) -> list:
+    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+
+
 def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple], n: int, m: int,
                       num_probes: int, distribution: str, generator: Optional[torch.Generator],
-                      control_variate: bool, create_graph: bool) -> Tensor:
+                      control_variate: bool, create_graph: bool, rec=None) -> Tensor:
     """The probed part of ``batch_norm="unbiased"``, per group, over the parameters ``reach``:
     (1/K) sum_k (G_k . v_k)^2 (``bn_estimator="probe"``) or (1/K) sum_k [(G_k . v_k)^2 -
     (U_k . v_k)^2] (``"control_variate"``), where G_k . v is a directional derivative of
-    the loss vector through the true graph, statistics included: with a dummy w,
-    a = J^T w (one backward, graph kept) and J v = d <a, v> / dw (double backward)."""
+    the loss vector through the true graph, statistics included.
+
+    With ``rec`` (a recording whose forward ``forward_ad_ready`` accepts): J v = <d l_i / d o_i,
+    o_dot_i> with o_dot the model output's tangent from one forward-mode re-run (rows are
+    examples: the loss of example i reads row i of the output, which the independence check
+    verifies). Otherwise with a dummy w: a = J^T w (one backward, graph kept) and
+    J v = d <a, v> / dw (double backward). Both are exact and differentiable."""
     order = [key for key in params if key in reach]
-    w = torch.zeros_like(losses, requires_grad=True)
-    a = torch.autograd.grad(losses, [params[key][1] for key in order], w,
-                            create_graph=True, allow_unused=True)
-    used = [(key, t) for key, t in zip(order, a) if t is not None]
+    if rec is not None:
+        outs = [t for t in _outputs(rec.root[2]) if t.requires_grad]
+        out_deltas = torch.autograd.grad(losses.sum(), outs, create_graph=create_graph,
+                                         retain_graph=True, allow_unused=True)
+        used = [(key, None) for key in order]
+    else:
+        w = torch.zeros_like(losses, requires_grad=True)
+        a = torch.autograd.grad(losses, [params[key][1] for key in order], w,
+                                create_graph=True, allow_unused=True)
+        used = [(key, t) for key, t in zip(order, a) if t is not None]
     work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in reach]) for c, d in live]
     work = [item for item in work if control_variate and item[2]]
     est = torch.zeros(n // m, dtype=losses.dtype, device=losses.device)
     for _ in range(num_probes):
         vs = {key: draw(params[key][1], distribution, generator) for key in order}
         dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
-        if used:
+        if used and rec is not None:
+            tangents = _rerun_tangents(rec, {key: dense[key] for key in order})
+            tangents = [t for t, o in zip(tangents, _outputs(rec.root[2])) if o.requires_grad]
+            jv = sum((d * t).reshape(n, -1).sum(1) for d, t in zip(out_deltas, tangents)
+                     if d is not None and t is not None)
+            g = _group_sum(jv if isinstance(jv, Tensor) else losses.new_zeros(n), m)
+            est = est + g * g
+        elif used:
             proj = sum((t * dense[key]).sum() for key, t in used)
             g = _group_sum(torch.autograd.grad(proj, w, create_graph=create_graph,
                                                retain_graph=True)[0], m)

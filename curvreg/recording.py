@@ -100,6 +100,7 @@ class _UsageMode(TorchFunctionMode):
         rec = self.rec
         if not rec.recording:
             return func(*args, **kwargs)
+        rec.funcs.add(func)
         refused = ops.NO_DOUBLE_BACKWARD.get(func)
         if refused is not None and _needs_grad(args, kwargs):
             raise ValueError(f"{refused[0]} in module '{rec._where()}' has no second derivative "
@@ -248,6 +249,8 @@ class Recording:
         self.views: Dict[int, tuple] = {}
         self.view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
+        self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
+        self.funcs: set = set()  # every torch function the forward called (curvreg.probe)
 
     def start(self) -> None:
         """Check the model's modules, register the hooks and enter the op mode."""
@@ -320,6 +323,8 @@ class Recording:
     def _post_hook(self, module, args, kwargs, output):
         if not self.recording or not self._stack or self._stack[-1][0] is not module:
             return
+        if module is self.model:
+            self.root = (args, kwargs, output)
         with torch._C.DisableTorchFunction():
             for vid, (view, param, maker) in list(self.views.items()):
                 if maker is module and vid not in self.view_calls:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import batchnorm
 from .exact import FallbackWarning, example_view, exact_sq_norms
-from .probe import batch_stats_probe, check_options, hybrid_exact, probe_sq_norms
+from .probe import (batch_stats_probe, check_options, forward_ad_ready, hybrid_exact,
+                    probe_sq_norms)
 from .recording import Call, Recording
 from .rules import LayerRule, merge_rules, std_conv
 
@@ -187,7 +188,8 @@ class GradNormTape:
         if reach:
             est = batch_stats_probe(losses, live, reach, rec.params, n, m, self.num_probes,
                                     self.distribution, self.generator,
-                                    self.bn_estimator == "control_variate", create_graph)
+                                    self.bn_estimator == "control_variate", create_graph,
+                                    rec if forward_ad_ready(rec) else None)
             total = est if total is None else total + est
             for c in probed:
                 kinds = self.methods.get(c.path, "")

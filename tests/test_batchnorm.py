@@ -394,3 +394,84 @@ def test_sync_batch_norm_across_processes_is_refused(tmp_path):
     for rank in range(2):
         msg = (tmp_path / f"rank{rank}.txt").read_text()
         assert "module '1' (SyncBatchNorm)" in msg and "across processes" in msg
+
+
+# ------------------------------------------------------------------ forward-mode re-run
+@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("bn_estimator", ["probe", "control_variate"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_mode_rerun_equals_the_double_backward(name, bn_estimator, group_size, monkeypatch):
+    """The directional derivatives of batch_norm="unbiased" from one forward-mode re-run (the
+    default where the forward's functions allow it) and from the double backward: the same
+    probes give the same estimate and the same penalty gradient."""
+    import curvreg.tape as tape_mod
+    model, x, y = build(name)
+    params = params_of(model)
+
+    def run():
+        gen = torch.Generator().manual_seed(3)
+        sq = tape_sq(model, x, y, "unbiased", generator=gen, bn_estimator=bn_estimator,
+                     group_size=group_size, num_probes=2)
+        return sq, flat(torch.autograd.grad(sq.mean(), params))
+
+    with curvreg.GradNormTape(model, batch_norm="unbiased") as tape:
+        model(x)
+    assert curvreg.probe.forward_ad_ready(tape.recording)
+    sq, grad = run()
+    monkeypatch.setattr(tape_mod, "forward_ad_ready", lambda rec: False)
+    sq_ref, grad_ref = run()
+    assert rel_err(sq, sq_ref) < 1e-10 and rel_err(grad, grad_ref) < 1e-10
+
+
+def test_a_forward_with_other_functions_keeps_the_double_backward():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 3)).to(DT)
+    with curvreg.GradNormTape(model, batch_norm="unbiased") as tape:
+        model(torch.randn(4, 6, dtype=DT))
+    assert not curvreg.probe.forward_ad_ready(tape.recording)  # layer_norm is not on the list
+
+
+def _after_conv(fn):
+    return lambda x, w, b: fn(F.conv2d(x, w, b))
+
+
+FORWARD_AD_CASES = {
+    "conv1d": lambda x, w, b: F.conv1d(x.flatten(2), w.flatten(2)[..., :3], b),
+    "conv3d": lambda x, w, b: F.conv3d(x.unsqueeze(2), w.unsqueeze(2), b),
+    "linear": lambda x, w, b: F.linear(x.flatten(1)[:, :27], w.flatten(1), b),
+    "relu": _after_conv(F.relu), "gelu": _after_conv(F.gelu), "silu": _after_conv(F.silu),
+    "tanh": _after_conv(torch.tanh), "sigmoid": _after_conv(torch.sigmoid),
+    "adaptive_avg_pool": _after_conv(lambda h: F.adaptive_avg_pool2d(h, 2)),
+    "avg_pool": _after_conv(lambda h: F.avg_pool2d(h, 2)),
+    "max_pool": _after_conv(lambda h: F.max_pool2d(h, 2)),
+    "pad": _after_conv(lambda h: F.pad(h, (1, 2, 0, 1))),
+    "cat_mul": _after_conv(lambda h: torch.cat([h, h * h], 1)),
+    "batch_norm (explicit)": _after_conv(lambda h: curvreg.batchnorm.explicit(
+        (h, None, None, None, None, True), {})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORWARD_AD_CASES))
+def test_forward_ad_functions_differentiate_backward_correctly(case):
+    """For each function FORWARD_AD_FUNCS admits (and the elementary batch norm the re-run
+    uses), the gradient of sum (J v)^2 through PyTorch's forward mode equals double backprop."""
+    import torch.autograd.forward_ad as fwAD
+    f = FORWARD_AD_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, dtype=DT, generator=gen)
+    params = [torch.randn(4, 3, 3, 3, dtype=DT, generator=gen, requires_grad=True),
+              torch.randn(4, dtype=DT, generator=gen, requires_grad=True)]
+    v = [torch.randn(p.shape, dtype=DT, generator=gen) for p in params]
+
+    def scalar_per_example(*ps):
+        return f(x, *ps).flatten(1).tanh().sum(1)
+
+    out = scalar_per_example(*params)
+    w = torch.zeros_like(out, requires_grad=True)
+    a = torch.autograd.grad(out, params, w, create_graph=True)
+    jv_ref = torch.autograd.grad(sum((t * d).sum() for t, d in zip(a, v)), w, create_graph=True)[0]
+    with fwAD.dual_level():
+        jv = fwAD.unpack_dual(scalar_per_example(*[fwAD.make_dual(p, d) for p, d in zip(params, v)])).tangent
+    assert rel_err(jv, jv_ref) < 1e-12
+    for g, g_ref in zip(torch.autograd.grad(jv.square().sum(), params),
+                        torch.autograd.grad(jv_ref.square().sum(), params)):
+        assert rel_err(g, g_ref) < 1e-10
