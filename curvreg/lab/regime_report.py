@@ -163,19 +163,24 @@ def figure(selected, path: Path) -> None:
     fig, (ax_acc, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
     offset = 0.15
     for k, method in enumerate(METHODS):
-        xs, acc, sd, fish = [], [], [], []
+        points = {True: ([], [], [], []), False: ([], [], [], [])}  # complete budget or not
         for i, regime in enumerate(regimes):
             e = selected[regime].get(method, {})
             if "test" not in e:
                 continue
             t = [100 * x for x in e["test"]]
+            xs, acc, sd, fish = points[e["done"] == e["budget"]]
             xs.append(i + (k - 1.5) * offset)
             acc.append(statistics.mean(t))
             sd.append(statistics.stdev(t) if len(t) > 1 else 0.0)
             fish.append(statistics.mean(e["fisher"]))
-        style = dict(color=COLORS[method], marker="os^D"[k], linestyle="none", label=method)
-        ax_acc.errorbar(xs, acc, yerr=sd, capsize=3, **style)
-        ax_f.plot(xs, fish, **style)
+        for full, (xs, acc, sd, fish) in points.items():
+            style = dict(color=COLORS[method], marker="os^D"[k], linestyle="none",
+                         label=method if full else None)
+            if not full:  # provisional: hollow
+                style["markerfacecolor"] = "white"
+            ax_acc.errorbar(xs, acc, yerr=sd, capsize=3, **style)
+            ax_f.plot(xs, fish, **style)
     labels = [r.replace(", ", "\n") for r in regimes]
     for ax in (ax_acc, ax_f):
         ax.set_xticks(range(len(regimes)))
@@ -183,7 +188,8 @@ def figure(selected, path: Path) -> None:
         ax.set_xlim(-0.5, len(regimes) - 0.5)
         ax.grid(axis="y", alpha=0.3)
     ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title("selected configuration per method (bars: std over seeds)", fontsize=10)
+    ax_acc.set_title("selected configuration per method (bars: std over seeds; hollow: "
+                     "provisional)", fontsize=10)
     ax_f.set_yscale("log")
     ax_f.set_ylabel("final tr(F̄)")
     ax_f.set_title("empirical Fisher trace at the end of training", fontsize=10)
