@@ -25,6 +25,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from . import batchnorm
 from .exact import FallbackWarning, example_view, exact_sq_norms
@@ -189,7 +190,7 @@ class GradNormTape:
             est = batch_stats_probe(losses, live, reach, rec.params, n, m, self.num_probes,
                                     self.distribution, self.generator,
                                     self.bn_estimator == "control_variate", create_graph,
-                                    rec if forward_ad_ready(rec) else None)
+                                    rec if self._forward_mode_ok(losses, reach) else None)
             total = est if total is None else total + est
             for c in probed:
                 kinds = self.methods.get(c.path, "")
@@ -322,6 +323,34 @@ class GradNormTape:
                     "through it are not separable: keep examples independent along dim 0, or put "
                     "batch-statistics layers in eval mode.")
         seen.add(key)
+
+    def _forward_mode_ok(self, losses: Tensor, reach: set) -> bool:
+        """Whether ``batch_norm="unbiased"`` may take J v from a forward-mode re-run: the
+        forward's functions allow it (``probe.forward_ad_ready``) and the losses depend on the
+        probed parameters only through the model's output (not, say, through an activation a
+        hook kept), which the re-run's chain rule at the output assumes. The second is checked
+        once per model and recorded structure: the gradient of sum(losses) must equal its
+        backpropagation from the output alone."""
+        rec = self.recording
+        if not forward_ad_ready(rec):
+            return False
+        key = ("forward-mode", self.model.training, losses.shape[0],
+               tuple((c.path, c.op) for c in rec.calls))
+        seen = _CHECKED.setdefault(self.model, set())
+        if key in seen or (key, False) in seen:
+            return key in seen
+        outs = [t for t in tree_flatten(rec.root[2])[0] if isinstance(t, Tensor) and t.requires_grad]
+        params = [rec.params[k][1] for k in rec.params if k in reach]
+        d = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
+        outs, d = [o for o, g in zip(outs, d) if g is not None], [g for g in d if g is not None]
+        full = torch.autograd.grad(losses.sum(), params, retain_graph=True, allow_unused=True)
+        via = torch.autograd.grad(outs, params, d, retain_graph=True, allow_unused=True) if outs \
+            else [None] * len(params)
+        same = all((a is None) == (b is None) and (a is None or torch.allclose(
+            a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()) + torch.finfo(a.dtype).tiny))
+            for a, b in zip(full, via))
+        seen.add(key if same else (key, False))
+        return same
 
     def _check_losses(self, losses):
         rec = self.recording

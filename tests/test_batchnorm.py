@@ -475,3 +475,24 @@ def test_forward_ad_functions_differentiate_backward_correctly(case):
     for g, g_ref in zip(torch.autograd.grad(jv.square().sum(), params),
                         torch.autograd.grad(jv_ref.square().sum(), params)):
         assert rel_err(g, g_ref) < 1e-10
+
+
+def test_a_loss_through_a_hooked_activation_keeps_the_double_backward(monkeypatch):
+    """The re-run's chain rule at the model's output would miss a loss term on an activation
+    kept by a hook; the tape detects the second path and uses the double backward."""
+    import curvreg.tape as tape_mod
+    model, x, y = build("cnn_two_bn")
+    kept = []
+    model[2].register_forward_hook(lambda m, a, out: kept.append(out))
+
+    def run():
+        kept.clear()
+        gen = torch.Generator().manual_seed(3)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen, num_probes=2) as tape:
+            out = model(x)
+        losses = F.cross_entropy(out, y, reduction="none") + 0.1 * kept[0].flatten(1).pow(2).mean(1)
+        return tape.per_example_sq_grad_norms(losses)
+
+    sq = run()
+    monkeypatch.setattr(tape_mod, "forward_ad_ready", lambda rec: False)
+    assert rel_err(sq, run()) < 1e-10
