@@ -44,8 +44,8 @@ plain forward updates them.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 MODES = ("frozen", "unbiased")
 ESTIMATORS = ("probe", "control_variate")  # how "unbiased" covers the statistics' reach

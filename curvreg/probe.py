@@ -315,6 +315,18 @@ def _outputs(out) -> list:
     return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
+def output_positions(rec) -> list:
+    """Positions, among ``_outputs`` of the recorded model output, of those that carry a
+    gradient (the re-run's outputs line up with them)."""
+    return [i for i, t in enumerate(_outputs(rec.root[2])) if t.requires_grad]
+
+
+def differentiable_outputs(rec) -> list:
+    """The recorded model output's tensors that carry a gradient."""
+    outs = _outputs(rec.root[2])
+    return [outs[i] for i in output_positions(rec)]
+
+
 def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple], n: int, m: int,
                       num_probes: int, distribution: str, generator: Optional[torch.Generator],
                       control_variate: bool, create_graph: bool, rec=None) -> Tensor:
@@ -330,10 +342,10 @@ def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple]
     J v = d <a, v> / dw (double backward). Both are exact and differentiable."""
     order = [key for key in params if key in reach]
     if rec is not None:
-        outs = [t for t in _outputs(rec.root[2]) if t.requires_grad]
-        out_deltas = torch.autograd.grad(losses.sum(), outs, create_graph=create_graph,
-                                         retain_graph=True, allow_unused=True)
-        used = [(key, None) for key in order]
+        positions = output_positions(rec)
+        out_deltas = torch.autograd.grad(losses.sum(), differentiable_outputs(rec),
+                                         create_graph=create_graph, retain_graph=True,
+                                         allow_unused=True)
     else:
         w = torch.zeros_like(losses, requires_grad=True)
         a = torch.autograd.grad(losses, [params[key][1] for key in order], w,
@@ -345,14 +357,14 @@ def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple]
     for _ in range(num_probes):
         vs = {key: draw(params[key][1], distribution, generator) for key in order}
         dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
-        if used and rec is not None:
+        if rec is not None and order:
             tangents = _rerun_tangents(rec, {key: dense[key] for key in order})
-            tangents = [t for t, o in zip(tangents, _outputs(rec.root[2])) if o.requires_grad]
+            tangents = [tangents[i] for i in positions]
             jv = sum((d * t).reshape(n, -1).sum(1) for d, t in zip(out_deltas, tangents)
                      if d is not None and t is not None)
             g = _group_sum(jv if isinstance(jv, Tensor) else losses.new_zeros(n), m)
             est = est + g * g
-        elif used:
+        elif rec is None and used:
             proj = sum((t * dense[key]).sum() for key, t in used)
             g = _group_sum(torch.autograd.grad(proj, w, create_graph=create_graph,
                                                retain_graph=True)[0], m)

@@ -394,8 +394,7 @@ class Recording:
         through it): taken by ``TapedConv`` too."""
         module = self._stack[-1][0] if self._stack else None
         return (module is not None and conv.weight.requires_grad
-                and (type(module).__module__, type(module).__name__) in std_conv.CLASSES
-                and type(module) in self.module_rules)
+                and std_conv.is_std_conv(module) and type(module) in self.module_rules)
 
     def _where(self) -> str:
         return _path(self.paths, self._stack[-1][0]) if self._stack else "<outside modules>"

@@ -25,12 +25,11 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from . import batchnorm
 from .exact import FallbackWarning, example_view, exact_sq_norms
-from .probe import (batch_stats_probe, check_options, forward_ad_ready, hybrid_exact,
-                    probe_sq_norms)
+from .probe import (batch_stats_probe, check_options, differentiable_outputs, forward_ad_ready,
+                    hybrid_exact, probe_sq_norms)
 from .recording import Call, Recording
 from .rules import LayerRule, merge_rules, std_conv
 
@@ -339,11 +338,12 @@ class GradNormTape:
         seen = _CHECKED.setdefault(self.model, set())
         if key in seen or (key, False) in seen:
             return key in seen
-        outs = [t for t in tree_flatten(rec.root[2])[0] if isinstance(t, Tensor) and t.requires_grad]
+        outs = differentiable_outputs(rec)
         params = [rec.params[k][1] for k in rec.params if k in reach]
-        d = torch.autograd.grad(losses.sum(), outs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), outs + params, retain_graph=True,
+                                    allow_unused=True)
+        d, full = grads[:len(outs)], grads[len(outs):]
         outs, d = [o for o, g in zip(outs, d) if g is not None], [g for g in d if g is not None]
-        full = torch.autograd.grad(losses.sum(), params, retain_graph=True, allow_unused=True)
         via = torch.autograd.grad(outs, params, d, retain_graph=True, allow_unused=True) if outs \
             else [None] * len(params)
         same = all((a is None) == (b is None) and (a is None or torch.allclose(

@@ -35,10 +35,18 @@ CLASSES = {("timm.layers.std_conv", "StdConv2d"): False,
 _VERIFIED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
+def _key(module: nn.Module) -> tuple:
+    return type(module).__module__, type(module).__name__
+
+
+def is_std_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the weight-standardized convolution classes (``CLASSES``)."""
+    return _key(module) in CLASSES
+
+
 def rules_for(model: nn.Module) -> Dict[type, LayerRule]:
     """``{type: rule}`` for the weight-standardized convolution classes used in ``model``."""
-    return {type(m): STD_CONV_RULE for m in model.modules()
-            if (type(m).__module__, type(m).__name__) in CLASSES}
+    return {type(m): STD_CONV_RULE for m in model.modules() if is_std_conv(m)}
 
 
 def _standardized(layer: nn.Module):
@@ -48,8 +56,7 @@ def _standardized(layer: nn.Module):
     var = (v - mu).pow(2).mean(1)
     r = (var + layer.eps).rsqrt()
     w_hat = (v - mu) * r[:, None]
-    has_gain = CLASSES[(type(layer).__module__, type(layer).__name__)]
-    gamma = (layer.gain.flatten() * layer.scale) if has_gain else torch.ones_like(r)
+    gamma = (layer.gain.flatten() * layer.scale) if CLASSES[_key(layer)] else torch.ones_like(r)
     return w_hat, gamma, r, var * r * r
 
 
@@ -93,7 +100,7 @@ def _moments(layer, inputs, delta, group):
     w_hat, gamma, r, kappa = _standardized(layer)
     _check_forward(layer, x, w_hat, gamma)
     d = delta.flatten(2)  # [N, C, L]
-    if y is None or CLASSES[(type(layer).__module__, type(layer).__name__)]:
+    if y is None or CLASSES[_key(layer)]:
         z = _conv(layer, x, w_hat.reshape_as(layer.weight)).flatten(2)
     else:
         z = y.flatten(2) if layer.bias is None else y.flatten(2) - layer.bias[:, None]
@@ -143,4 +150,4 @@ def std_conv_grads(layer: nn.Module, inputs: Sequence, grad_output: Tensor,
 
 STD_CONV_RULE = LayerRule(grads=std_conv_grads, sq_norms=std_conv_sq_norms, with_output=True)
 
-__all__ = ["CLASSES", "STD_CONV_RULE", "rules_for"]
+__all__ = ["CLASSES", "STD_CONV_RULE", "is_std_conv", "rules_for"]
