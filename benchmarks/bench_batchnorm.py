@@ -1,8 +1,10 @@
 """Training-mode BatchNorm: step cost and estimator noise, measured side by side in one process.
 
 1. Median time of a regularized step / a plain step (float32), for GradNormTape(batch_norm=
-   "frozen") (exact), "unbiased" with bn_estimator "probe" and "control_variate" (K=1), and a
-   SAM step, on ResNet-20 (batch 128) and the CIFAR ResNet-18 (batch 32).
+   "frozen") (exact), "unbiased" with bn_estimator "probe" (its J v from the shared forward,
+   the default from the second step on, and, beside it, from a forward-mode re-run, the first
+   step's way) and "control_variate" (K=1), and a SAM step, on ResNet-20 (batch 128) and the
+   CIFAR ResNet-18 (batch 32).
 2. Noise of the K=1 estimate of R = mean_i ||g_i||^2 (float64, fixed batch): relative standard
    deviation over draws, for the two "unbiased" estimators and for probing every parameter of
    the true per-example gradients, (g_i . v)^2 with g_i . v = (J_l v)_i one JVP of the loss
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvreg
+import curvreg.tape
 from bench_step import ALPHA, medians, plain_step, sam_step, setup, tape_step
 from curvreg.lab.models import build_model
 
@@ -28,8 +31,14 @@ SETTINGS = {"resnet20": 128, "resnet18": 32}
 
 def time_steps(name, rounds):
     model, opt, x, y = setup(name, SETTINGS[name])
-    steps = {"plain": plain_step, "frozen": tape_step(batch_norm="frozen"),
-             "probe": tape_step(batch_norm="unbiased"),
+    probe = tape_step(batch_norm="unbiased")
+
+    def rerun(*args):  # without the plan a shared forward needs (curvreg.shared_forward)
+        curvreg.tape._PLANS.pop(model, None)
+        probe(*args)
+
+    steps = {"plain": plain_step, "frozen": tape_step(batch_norm="frozen"), "probe": probe,
+             "rerun": rerun,
              "cv": tape_step(batch_norm="unbiased", bn_estimator="control_variate"), "sam": sam_step}
     med, _ = medians(steps, (model, opt, x, y), rounds)
     return {k: med[k] / med["plain"] for k in med}, med["plain"]
@@ -79,18 +88,21 @@ def noise(make, batch, draws, size=16):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--draws", type=int, default=200, help="0 skips the noise table")
     ap.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, alpha={ALPHA}")
     print("\nStep time / plain step (float32, training-mode BatchNorm):")
     print("| model | batch | plain step (ms) | frozen (exact) | unbiased, probe | "
-          "unbiased, control variate | SAM |")
-    print("|---|---|---|---|---|---|---|")
+          "unbiased, probe, re-run | unbiased, control variate | SAM |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         r, plain = time_steps(name, args.rounds)
         print(f"| {name} | {SETTINGS[name]} | {plain * 1e3:.0f} | {r['frozen']:.2f}x | "
-              f"{r['probe']:.2f}x | {r['cv']:.2f}x | {r['sam']:.2f}x |", flush=True)
+              f"{r['probe']:.2f}x | {r['rerun']:.2f}x | {r['cv']:.2f}x | {r['sam']:.2f}x |",
+              flush=True)
+    if not args.draws:
+        return
     print(f"\nK=1 estimates of R (float64, 16x16 inputs, {args.draws} draws): mean +- s.e. "
           "(relative std of one draw)")
     print("| model | batch | frozen R (exact) | unbiased, probe | unbiased, control variate | "

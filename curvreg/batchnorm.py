@@ -28,15 +28,19 @@ The control variate only pays when u_i is close to g_i. Measured at initializati
 variate had *more* noise than probing, while "probe" had 3-5 times less than probing every
 parameter (the classifier's exact norms carry most of the value); hence the default.
 
-How, without re-running the model:
-  * the statistics enter the normalization through a ``_Gate``: identity forward, and in the
-    backward identity normally but zero during the tape's delta pass, so the one forward carries
-    both graphs: the true one (the training loss's gradient, g_i . v) and the frozen one (the
-    deltas dF_i/dy, hence u_i);
-  * g_i . v for all i at once is J v, J the Jacobian of the loss vector, by the double-backward
-    trick: a = J^T w for a dummy w (one backward, graph kept), then J v = d <a, v> / dw.
-    Every step keeps its graph, so the estimate is differentiable and its gradient is an
-    unbiased estimate of grad mean_i ||g_i||^2.
+How:
+  * the statistics enter the normalization through a ``_Gate``: identity forward (and forward
+    mode), and in the backward identity normally but zero during the tape's delta pass, so the
+    one forward carries both graphs: the true one (the training loss's gradient, g_i . v) and
+    the frozen one (the deltas dF_i/dy, hence u_i);
+  * g_i . v for all i at once is J v, J the Jacobian of the loss vector. Where the forward's
+    functions allow forward mode (``probe.FORWARD_AD_FUNCS``), J v = <d l_i / d o_i, o_dot_i>
+    with o_dot the output's tangent: from the taped forward itself, run in forward mode from the
+    second forward with the same input signature on (``curvreg.shared_forward``; first probe),
+    or from a forward-mode re-run (``probe._rerun_tangents``; the first step, further probes).
+    Elsewhere by the double-backward trick: a = J^T w for a dummy w (one backward, graph kept),
+    then J v = d <a, v> / dw. Every step keeps its graph, so the estimate is differentiable
+    and its gradient is an unbiased estimate of grad mean_i ||g_i||^2.
 
 The running statistics are updated by PyTorch's own kernel, once per taped forward, exactly as a
 plain forward updates them.
@@ -71,6 +75,10 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return (None if ctx.switch.frozen else grad), None
+
+    @staticmethod
+    def jvp(ctx, t_dot, _switch):  # forward mode (curvreg.shared_forward): the true tangent
+        return t_dot.clone()
 
 
 def _arg(args, kwargs, i, name, default=None):

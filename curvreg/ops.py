@@ -290,9 +290,13 @@ class NormalizedAffine(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, xhat):
+        return self.affine(xhat, self.weight, self.bias)
+
+    @staticmethod
+    def affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        y = xhat if self.weight is None else xhat * self.weight.view(shape)
-        return y if self.bias is None else y + self.bias.view(shape)
+        y = xhat if weight is None else xhat * weight.view(shape)
+        return y if bias is None else y + bias.view(shape)
 
 
 _MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}

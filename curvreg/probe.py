@@ -282,6 +282,14 @@ def forward_ad_ready(rec) -> bool:
     return rec.root is not None and rec.funcs <= FORWARD_AD_FUNCS
 
 
+def quiet_make_dual(p: Tensor, v: Tensor) -> Tensor:
+    """``fwAD.make_dual``, without the warning PyTorch's first call emits (it loads jit
+    decompositions)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        return fwAD.make_dual(p, v)
+
+
 def _rerun_tangents(rec, tangents: Dict[int, Tensor]) -> list:
     """Tangents of the model's outputs along ``tangents`` ({parameter id: direction}), from one
     forward-mode re-run of the recorded call on the same inputs and parameters. Buffers are
@@ -292,10 +300,7 @@ def _rerun_tangents(rec, tangents: Dict[int, Tensor]) -> list:
     recording, rec.recording = rec.recording, False  # a re-run inside ``with`` is not recorded
     try:
         with fwAD.dual_level(), _ExplicitBatchNorm():
-            with warnings.catch_warnings():  # PyTorch's first make_dual loads jit decompositions
-                warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-                duals = {names[key]: fwAD.make_dual(rec.params[key][1], v)
-                         for key, v in tangents.items()}
+            duals = {names[key]: quiet_make_dual(rec.params[key][1], v) for key, v in tangents.items()}
             out = functional_call(rec.model, {**buffers, **duals}, args, kwargs or {})
             return [fwAD.unpack_dual(t).tangent for t in _outputs(out)]
     finally:
@@ -329,7 +334,9 @@ def differentiable_outputs(rec) -> list:
 
 def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple], n: int, m: int,
                       num_probes: int, distribution: str, generator: Optional[torch.Generator],
-                      control_variate: bool, create_graph: bool, rec=None) -> Tensor:
+                      control_variate: bool, create_graph: bool, rec=None,
+                      first: Optional[Dict[int, Tensor]] = None,
+                      first_tangents: Optional[list] = None) -> Tensor:
     """The probed part of ``batch_norm="unbiased"``, per group, over the parameters ``reach``:
     (1/K) sum_k (G_k . v_k)^2 (``bn_estimator="probe"``) or (1/K) sum_k [(G_k . v_k)^2 -
     (U_k . v_k)^2] (``"control_variate"``), where G_k . v is a directional derivative of
@@ -339,7 +346,10 @@ def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple]
     o_dot_i> with o_dot the model output's tangent from one forward-mode re-run (rows are
     examples: the loss of example i reads row i of the output, which the independence check
     verifies). Otherwise with a dummy w: a = J^T w (one backward, graph kept) and
-    J v = d <a, v> / dw (double backward). Both are exact and differentiable."""
+    J v = d <a, v> / dw (double backward). Both are exact and differentiable. ``first``: the
+    first probe ({parameter id: dense block}), drawn before the forward by a shared forward
+    (``curvreg.shared_forward``); ``first_tangents``: the model output's tangents along it from
+    that forward, which then replace the first re-run."""
     order = [key for key in params if key in reach]
     if rec is not None:
         positions = output_positions(rec)
@@ -354,11 +364,15 @@ def batch_stats_probe(losses: Tensor, live, reach: set, params: Dict[int, tuple]
     work = [(c, d, [k for k, key in zip(c.names, c.keys) if key in reach]) for c, d in live]
     work = [item for item in work if control_variate and item[2]]
     est = torch.zeros(n // m, dtype=losses.dtype, device=losses.device)
-    for _ in range(num_probes):
-        vs = {key: draw(params[key][1], distribution, generator) for key in order}
-        dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
+    for k in range(num_probes):
+        if k == 0 and first is not None:
+            vs = dense = first
+        else:
+            vs = {key: draw(params[key][1], distribution, generator) for key in order}
+            dense = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
         if rec is not None and order:
-            tangents = _rerun_tangents(rec, {key: dense[key] for key in order})
+            tangents = first_tangents if k == 0 and first_tangents is not None else \
+                _rerun_tangents(rec, {key: dense[key] for key in order})
             tangents = [tangents[i] for i in positions]
             jv = sum((d * t).reshape(n, -1).sum(1) for d, t in zip(out_deltas, tangents)
                      if d is not None and t is not None)

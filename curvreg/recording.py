@@ -10,7 +10,7 @@ derivative, parameters used by a module they do not belong to. ``stop()`` remove
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention, batchnorm, fused, ops, taped_conv
+from . import attention, batchnorm, fused, ops, shared_forward, taped_conv
 from .probe import LINEAR_IN_PARAMS
 from .rules import std_conv
 
@@ -101,6 +101,7 @@ class _UsageMode(TorchFunctionMode):
         if not rec.recording:
             return func(*args, **kwargs)
         rec.funcs.add(func)
+        shared = rec.shared if rec.shared is not None and rec.shared.active else None
         refused = ops.NO_DOUBLE_BACKWARD.get(func)
         if refused is not None and _needs_grad(args, kwargs):
             raise ValueError(f"{refused[0]} in module '{rec._where()}' has no second derivative "
@@ -122,7 +123,10 @@ class _UsageMode(TorchFunctionMode):
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
         conv = taped_conv.conv_args(func, args, kwargs)
-        if (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
+        if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
+            call_args, call_kwargs = shared.substitute(func, args, kwargs)
+            out = func(*call_args, **call_kwargs)
+        elif (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)
             out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
@@ -215,14 +219,19 @@ class Recording:
             linear in its parameters).
         fuse_linear: the ``curvreg.fused`` policy.
         switch: the ``batchnorm.Switch`` that holds batch statistics constant in the delta pass.
+        shared: for a tape that may run the forward in forward mode (``curvreg.shared_forward``):
+            called at the model's first call with its ``signature``, returns a ``SharedForward``
+            or None.
     """
 
     def __init__(self, model: nn.Module, *, batch_norm: Optional[str], module_rules: frozenset,
                  estimator: str, fuse_linear, switch: "batchnorm.Switch",
-                 output_rules: frozenset = frozenset()):
+                 output_rules: frozenset = frozenset(),
+                 shared: Optional[Callable[[tuple], Optional["shared_forward.SharedForward"]]] = None):
         self.model, self.batch_norm, self.module_rules = model, batch_norm, module_rules
         self.output_rules = output_rules
         self.estimator, self.fuse_linear, self.switch = estimator, fuse_linear, switch
+        self.shared_source = shared
         self.params: Dict[int, tuple] = {}
         self.paths: Dict[int, str] = {}
         self._handles: list = []
@@ -251,6 +260,9 @@ class Recording:
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
         self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
         self.funcs: set = set()  # every torch function the forward called (curvreg.probe)
+        self.root_calls = 0  # how often the model was called
+        self.signature: Optional[tuple] = None  # of its first call, for a shared forward
+        self.shared: Optional[shared_forward.SharedForward] = None  # that call's, if in forward mode
 
     def start(self) -> None:
         """Check the model's modules, register the hooks and enter the op mode."""
@@ -280,6 +292,8 @@ class Recording:
     def stop(self, *exc) -> None:
         """Leave the op mode and remove the hooks (also after an exception)."""
         self.recording = False
+        if self.shared is not None:
+            self.shared.close()
         if self._mode is not None:
             self._mode.__exit__(*exc)
             self._sdpa.__exit__(*exc)
@@ -308,7 +322,18 @@ class Recording:
             raise ValueError(_mixing_message(_path(self.paths, module), type(module).__name__, reason))
         if module is self.model:
             self._check_batch(args)
+            self._enter_root(args)
         self._stack.append([module, {}])
+
+    def _enter_root(self, args):
+        self.root_calls += 1
+        if self.shared is not None:  # a second call: its output is not the one probed
+            self.shared.valid = False
+        elif self.shared_source is not None and self.root_calls == 1:
+            self.signature = shared_forward.signature(self.model, args)
+            self.shared = self.shared_source(self.signature)
+            if self.shared is not None:
+                self.shared.enter()
 
     def _check_batch(self, args):
         first = next((t for t in _flat(args) if isinstance(t, Tensor) and t.dim()), None)
@@ -325,6 +350,9 @@ class Recording:
             return
         if module is self.model:
             self.root = (args, kwargs, output)
+            if self.shared is not None:
+                with torch._C.DisableTorchFunction():
+                    self.shared.finish(output)
         with torch._C.DisableTorchFunction():
             for vid, (view, param, maker) in list(self.views.items()):
                 if maker is module and vid not in self.view_calls:
@@ -417,7 +445,9 @@ class Recording:
             xhat, w, b = batchnorm.normalize(args, kwargs, self.switch)
             self.bn_reach.append(frozenset(self._seen))
             shell = ops.NormalizedAffine(w, b)
-            out = shell(xhat)
+            shared = self.shared if self.shared is not None and self.shared.active else None
+            out = shell(xhat) if shared is None else \
+                ops.NormalizedAffine.affine(xhat, shared.get(w), shared.get(b))
             names = {k: id(t) for k, t in (("weight", w), ("bias", b))
                      if isinstance(t, Tensor) and id(t) in self.params}
             if names:

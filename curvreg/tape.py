@@ -32,6 +32,7 @@ from .probe import (batch_stats_probe, check_options, differentiable_outputs, fo
                     hybrid_exact, probe_sq_norms)
 from .recording import Call, Recording
 from .rules import LayerRule, merge_rules, std_conv
+from .shared_forward import SharedForward
 
 __all__ = ["GradNormTape", "FallbackWarning"]
 
@@ -116,11 +117,15 @@ class GradNormTape:
         self.rules = merge_rules({**found, **(rules or {})}, allow_override)
         self._module_rules = frozenset(found) | frozenset(rules or ())
         # the record of the forward (hooks, op attribution, input checks): curvreg.recording
+        # batch_norm="unbiased" probes its reach with J v; with the exact estimator elsewhere
+        # the forward itself may compute the first probe's (curvreg.shared_forward)
+        shares = batch_norm == "unbiased" and bn_estimator == "probe" and estimator == "exact"
         self.recording = Recording(model, batch_norm=batch_norm, module_rules=self._module_rules,
                                    estimator=estimator, fuse_linear=fuse_linear,
                                    switch=batchnorm.Switch(),
                                    output_rules=frozenset(t for t in self._module_rules
-                                                          if self.rules[t].with_output))
+                                                          if self.rules[t].with_output),
+                                   shared=self._shared_forward if shares else None)
         self._active = False
 
     @property
@@ -186,10 +191,12 @@ class GradNormTape:
         with torch.set_grad_enabled(create_graph), torch.autocast(losses.device.type, enabled=False):
             total = self._accumulate(live, n, exclude) if live else None
         if reach:
+            forward_mode = self._forward_mode_ok(losses, reach)
+            first, tangents = self._shared_probe(reach, forward_mode)
             est = batch_stats_probe(losses, live, reach, rec.params, n, m, self.num_probes,
                                     self.distribution, self.generator,
                                     self.bn_estimator == "control_variate", create_graph,
-                                    rec if self._forward_mode_ok(losses, reach) else None)
+                                    rec if forward_mode else None, first, tangents)
             total = est if total is None else total + est
             for c in probed:
                 kinds = self.methods.get(c.path, "")
@@ -352,6 +359,30 @@ class GradNormTape:
         seen.add(key if same else (key, False))
         return same
 
+    def _shared_forward(self, signature: tuple) -> Optional[SharedForward]:
+        """At the model's first call: a forward in forward mode along the first probe, if a
+        forward with this signature was found eligible before (``_shared_tangents``)."""
+        params = self.recording.params
+        order = _PLANS.get(self.model, {}).get(signature)
+        if order is None or any(key not in params for key in order):
+            return None
+        return SharedForward(order, params, self.distribution, self.generator)
+
+    def _shared_probe(self, reach: set, forward_mode: bool):
+        """(first probe, output tangents along it) from this forward's shared forward, or
+        Nones. The probe, drawn before the forward, serves if it covers exactly ``reach``; the
+        tangents too if forward mode is valid here and the forward kept them. Both are used
+        once. Where forward mode is valid, records the plan for the next forward with this
+        signature."""
+        rec = self.recording
+        if forward_mode and rec.signature is not None and rec.root_calls == 1:
+            _PLANS.setdefault(self.model, {})[rec.signature] = [k for k in rec.params if k in reach]
+        shared, rec.shared = rec.shared, None
+        if shared is None or set(shared.order) != reach:
+            return None, None
+        ok = forward_mode and shared.valid and shared.tangents is not None
+        return shared.vs, (shared.tangents if ok else None)
+
     def _check_losses(self, losses):
         rec = self.recording
         if not isinstance(losses, Tensor):
@@ -425,6 +456,8 @@ class GradNormTape:
 _CHECKS = ("once", "always", "never")
 # model -> recorded structures already checked for independence (see _check_independent)
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+# per model: {forward signature: ids of the parameters a shared forward probes, in draw order}
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _check_leading(c: Call, delta: Tensor, n: int, dim: int = 0) -> None:

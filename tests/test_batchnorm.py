@@ -472,9 +472,10 @@ def test_forward_ad_functions_differentiate_backward_correctly(case):
     with fwAD.dual_level():
         jv = fwAD.unpack_dual(scalar_per_example(*[fwAD.make_dual(p, d) for p, d in zip(params, v)])).tangent
     assert rel_err(jv, jv_ref) < 1e-12
-    for g, g_ref in zip(torch.autograd.grad(jv.square().sum(), params),
-                        torch.autograd.grad(jv_ref.square().sum(), params)):
-        assert rel_err(g, g_ref) < 1e-10
+    # all parameters at once: a batch norm after the convolution makes the bias gradient zero
+    # (rounding noise, compared relatively to the weight's)
+    assert rel_err(flat(torch.autograd.grad(jv.square().sum(), params)),
+                   flat(torch.autograd.grad(jv_ref.square().sum(), params))) < 1e-10
 
 
 def test_a_loss_through_a_hooked_activation_keeps_the_double_backward(monkeypatch):
@@ -496,3 +497,133 @@ def test_a_loss_through_a_hooked_activation_keeps_the_double_backward(monkeypatc
     sq = run()
     monkeypatch.setattr(tape_mod, "forward_ad_ready", lambda rec: False)
     assert rel_err(sq, run()) < 1e-10
+
+
+# ------------------------------------------------------------------ shared forward
+def _counting(monkeypatch):
+    """Counts of forward-mode re-runs and double-backward directional derivatives."""
+    import curvreg.probe as probe_mod
+    counts = {"rerun": 0, "double_backward": 0}
+    rerun, grad = probe_mod._rerun_tangents, torch.autograd.grad
+
+    def counted_rerun(rec, tangents):
+        counts["rerun"] += 1
+        return rerun(rec, tangents)
+
+    def counted_grad(outputs, inputs, *args, **kwargs):
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 1 and not inputs.any():
+            counts["double_backward"] += 1  # d <a, v> / dw with the dummy w = 0
+        return grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "_rerun_tangents", counted_rerun)
+    monkeypatch.setattr(probe_mod.torch.autograd, "grad", counted_grad)
+    return counts
+
+
+@pytest.mark.parametrize("num_probes", [1, 2])
+@pytest.mark.parametrize("group_size", [1, 2])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_shared_forward_equals_the_rerun(name, group_size, num_probes, monkeypatch):
+    """From the second forward with the same signature on, the first probe's J v comes from
+    the taped forward itself, run in forward mode (no re-run, no double backward): the same
+    probes give the same estimate and penalty gradient as the re-run, the model's output is
+    unchanged, and the running statistics move as in a plain forward."""
+    import torch.autograd.forward_ad as fwAD
+    model, x, y = build(name)
+    params = params_of(model)
+    counts = _counting(monkeypatch)
+
+    def run():
+        gen = torch.Generator().manual_seed(3)
+        counts.update(rerun=0, double_backward=0)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen,
+                                  group_size=group_size, num_probes=num_probes) as tape:
+            out = model(x)
+        assert fwAD.unpack_dual(out).tangent is None
+        sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+        return out, sq, flat(torch.autograd.grad(sq.mean(), params)), dict(counts)
+
+    plain = copy.deepcopy(model)
+    out_ref, sq_ref, grad_ref, first = run()
+    assert first == {"rerun": num_probes, "double_backward": 0}
+    out, sq, grad, second = run()
+    assert second == {"rerun": num_probes - 1, "double_backward": 0}
+    assert rel_err(out, out_ref) < 1e-14
+    assert rel_err(sq, sq_ref) < 1e-10 and rel_err(grad, grad_ref) < 1e-10
+    plain(x)
+    plain(x)
+    for bn, bn_ref in zip(_bns(model), _bns(plain)):
+        assert torch.allclose(bn.running_mean, bn_ref.running_mean, rtol=0, atol=1e-14)
+        assert torch.allclose(bn.running_var, bn_ref.running_var, rtol=0, atol=1e-14)
+
+
+class _Branchy(nn.Module):
+    """Calls a function outside FORWARD_AD_FUNCS when ``odd`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.odd = mlp_one_bn(), False
+
+    def forward(self, x):
+        h = self.body(x)
+        return torch.sin(h) if self.odd else h
+
+
+def test_a_forward_that_leaves_the_list_takes_the_double_backward(monkeypatch):
+    """A shared forward that meets a function without a vetted forward derivative runs it on
+    primals and gives up; the step then takes the double backward, with the probe drawn
+    before the forward: the same value as a tape that never tried."""
+    torch.manual_seed(0)
+    model = _Branchy().to(DT)
+    x, y = torch.randn(6, 6, dtype=DT), torch.randint(0, 3, (6,))
+    counts = _counting(monkeypatch)
+
+    def run():
+        gen = torch.Generator().manual_seed(5)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen) as tape:
+            out = model(x)
+        return tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none")), tape
+
+    run()  # the plan: eligible
+    model.odd = True
+    counts.update(rerun=0, double_backward=0)
+    sq, _ = run()
+    assert counts == {"rerun": 0, "double_backward": 1}
+    curvreg.tape._PLANS.pop(model)
+    sq_ref, _ = run()  # no plan: the double backward with a probe drawn afterwards
+    assert rel_err(sq, sq_ref) < 1e-12
+
+
+def test_a_model_called_twice_takes_the_rerun(monkeypatch):
+    model, x, y = build("mlp_one_bn")
+    counts = _counting(monkeypatch)
+
+    def run():
+        gen = torch.Generator().manual_seed(2)
+        counts.update(rerun=0, double_backward=0)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen) as tape:
+            model(x)
+            out = model(x)
+        return tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+
+    with curvreg.GradNormTape(model, batch_norm="unbiased") as tape:
+        out = model(x)
+    tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))  # a plan
+    run()
+    assert counts == {"rerun": 1, "double_backward": 0}
+
+
+def test_an_error_inside_a_shared_forward_leaves_no_forward_mode_level():
+    import torch.autograd.forward_ad as fwAD
+    model, x, y = build("mlp_one_bn")
+    for _ in range(2):
+        with curvreg.GradNormTape(model, batch_norm="unbiased") as tape:
+            out = model(x)
+        tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+    handle = model[2].register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        with curvreg.GradNormTape(model, batch_norm="unbiased"):
+            model(x)
+    handle.remove()
+    with fwAD.dual_level():  # would raise if the tape's level were still open
+        pass
