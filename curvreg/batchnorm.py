@@ -90,15 +90,18 @@ def uses_batch_stats(args, kwargs) -> bool:
     return bool(_arg(args, kwargs, 5, "training", False)) or _arg(args, kwargs, 1, "running_mean") is None
 
 
-def explicit(args, kwargs) -> Tensor:
-    """F.batch_norm's value written with elementary ops, running statistics left alone: for
-    forward-mode re-runs (``curvreg.probe``), where PyTorch's backward through the batch_norm
+def explicit(args, kwargs, update: bool = False) -> Tensor:
+    """F.batch_norm's value written with elementary ops: for forward mode (``curvreg.probe``'s
+    re-runs, ``curvreg.shared_forward``), where PyTorch's backward through the batch_norm
     kernel's forward-mode derivative is wrong for the parameters before it (measured: 20-100%
-    off on a Conv-BN-ReLU net against double backprop through the same ops)."""
+    off on a Conv-BN-ReLU net against double backprop through the same ops). The running
+    statistics are left alone, or with ``update`` moved as by the plain call (``_update``)."""
     x = _arg(args, kwargs, 0, "input")
     rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
     w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
     eps = _arg(args, kwargs, 7, "eps", 1e-5)
+    if update:
+        _update(args, kwargs)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if uses_batch_stats(args, kwargs):
         dims = [0] + list(range(2, x.dim()))
@@ -112,25 +115,31 @@ def explicit(args, kwargs) -> Tensor:
     return out if b is None else out + b.reshape(shape)
 
 
+def _update(args, kwargs) -> None:
+    """The running-statistics update of an F.batch_norm call (when given and training), with
+    PyTorch's kernel on the detached input (no tangent either), as the plain call makes it."""
+    rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
+    if rm is not None and bool(_arg(args, kwargs, 5, "training", False)):
+        with torch.no_grad():
+            F.batch_norm(_arg(args, kwargs, 0, "input").detach(), rm, rv, None, None, True,
+                         _arg(args, kwargs, 6, "momentum", 0.1), _arg(args, kwargs, 7, "eps", 1e-5))
+
+
 def normalize(args, kwargs, switch: Switch):
     """(xhat, weight, bias) for an F.batch_norm call with batch statistics.
 
     Updates the running statistics (when given and training) with PyTorch's kernel, as the
     plain call would. Call with torch functions disabled (inside the tape's mode)."""
     x = _arg(args, kwargs, 0, "input")
-    rm, rv = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
     w, b = _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")
-    training = bool(_arg(args, kwargs, 5, "training", False))
-    momentum, eps = _arg(args, kwargs, 6, "momentum", 0.1), _arg(args, kwargs, 7, "eps", 1e-5)
+    eps = _arg(args, kwargs, 7, "eps", 1e-5)
     if x.dim() < 2:
         raise ValueError(f"F.batch_norm needs an input of shape [N, C, ...], got {tuple(x.shape)}")
     dims = [0] + list(range(2, x.dim()))
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"BatchNorm with batch statistics needs more than one value per channel, "
                          f"got input of shape {tuple(x.shape)}")
-    if training and rm is not None:
-        with torch.no_grad():
-            F.batch_norm(x.detach(), rm, rv, None, None, True, momentum, eps)
+    _update(args, kwargs)
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims, keepdim=True)  # = x.var(unbiased=False), 4x faster on CPU
     rstd = (_Gate.apply(var, switch) + eps).rsqrt()

@@ -273,8 +273,10 @@ FORWARD_AD_FUNCS = frozenset({
     F.pad, torch.cat, torch.flatten, Tensor.flatten, Tensor.add, Tensor.add_, Tensor.__add__,
     Tensor.__iadd__, Tensor.mul, Tensor.__mul__, Tensor.dim, Tensor.size, Tensor.__getitem__,
     Tensor.view, Tensor.reshape, Tensor.mean, Tensor.relu, torch.relu,
-    # reads to Python numbers (BatchNorm's momentum=None reads num_batches_tracked)
-    Tensor.__float__, Tensor.__int__, Tensor.__bool__, Tensor.__len__, Tensor.item})
+    # reads to Python numbers (BatchNorm's momentum=None reads num_batches_tracked) and of
+    # metadata
+    Tensor.__float__, Tensor.__int__, Tensor.__bool__, Tensor.__len__, Tensor.item,
+    Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__})
 
 
 def forward_ad_ready(rec) -> bool:

@@ -125,7 +125,11 @@ class _UsageMode(TorchFunctionMode):
         conv = taped_conv.conv_args(func, args, kwargs)
         if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
             call_args, call_kwargs = shared.substitute(func, args, kwargs)
-            out = func(*call_args, **call_kwargs)
+            if func is F.batch_norm and shared.valid:  # see batchnorm.explicit
+                with torch._C.DisableTorchFunction():
+                    out = batchnorm.explicit(call_args, call_kwargs, update=True)
+            else:
+                out = func(*call_args, **call_kwargs)
         elif (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)

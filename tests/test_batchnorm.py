@@ -627,3 +627,68 @@ def test_an_error_inside_a_shared_forward_leaves_no_forward_mode_level():
     handle.remove()
     with fwAD.dual_level():  # would raise if the tape's level were still open
         pass
+
+
+class _WSConv(nn.Conv2d):
+    """A convolution whose weight is standardized with F.batch_norm (batch statistics of the
+    weight, not of the examples), as timm's StdConv2d does."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.view(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).view(self.weight.shape)
+        return F.conv2d(x, w, self.bias)
+
+
+def _eval_bn_model():
+    model, x, y = build("cnn_two_bn")
+    with torch.no_grad():
+        model[4].running_mean.uniform_(-0.2, 0.2)
+        model[4].running_var.uniform_(0.5, 2.0)
+    model[4].eval()
+    return model, x, y
+
+
+def _ws_conv_model():
+    model, x, y = build("cnn_two_bn")
+    ws = _WSConv(4, 5, 3).to(DT)
+    with torch.no_grad():
+        ws.weight.copy_(model[3].weight)
+        ws.bias.copy_(model[3].bias)
+    model[3] = ws
+    return model, x, y
+
+
+@pytest.mark.parametrize("make", [_eval_bn_model, _ws_conv_model], ids=["eval_bn", "ws_conv"])
+def test_other_batch_norms_inside_a_shared_forward(make, monkeypatch):
+    """F.batch_norm calls the tape does not take as batch statistics over examples (a
+    BatchNorm on running statistics; the standardization of a weight) run with elementary ops
+    inside forward mode too, where PyTorch's batch_norm kernel with batch statistics has a
+    wrong backward of its forward-mode derivative: the shared forward, the re-run and the
+    double backward agree. (The double backward's penalty gradient through the weight's
+    batch_norm kernel would be a third derivative, which PyTorch does not have; there the
+    gradients of the two forward-mode paths are compared, and the values of all three.)"""
+    import curvreg.tape as tape_mod
+    model, x, y = make()
+    params = params_of(model)
+    counts = _counting(monkeypatch)
+    third_order = make is _ws_conv_model
+
+    def run(gradient=True):
+        gen = torch.Generator().manual_seed(4)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen) as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"),
+                                            create_graph=gradient)
+        return sq, (flat(torch.autograd.grad(sq.mean(), params)) if gradient else None)
+
+    sq_rerun, grad_rerun = run()
+    counts.update(rerun=0, double_backward=0)
+    sq, grad = run()
+    assert counts == {"rerun": 0, "double_backward": 0}
+    assert rel_err(sq, sq_rerun) < 1e-10 and rel_err(grad, grad_rerun) < 1e-10
+    monkeypatch.setattr(tape_mod, "forward_ad_ready", lambda rec: False)
+    sq_db, grad_db = run(gradient=not third_order)
+    assert counts["double_backward"] == 1
+    assert rel_err(sq, sq_db) < 1e-10
+    if not third_order:
+        assert rel_err(grad, grad_db) < 1e-10
