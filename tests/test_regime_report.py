@@ -69,3 +69,72 @@ def test_table_shows_the_sharpness_of_each_seed0_winner(tmp_path):
     assert "| 1379 ± 10, 23.9 |" in text
     curv_row = next(line for line in text.splitlines() if "curvature + L2" in line)
     assert "| – | 1/1 |" in curv_row  # not measured: a dash, not a number
+
+
+def _regime_runs(activation, batch, l2_vals, curv_vals):
+    """A complete budget of one L2-only and one curvature + L2 configuration in one regime."""
+    out = []
+    for alpha, vals in ((0.0, l2_vals), (1e-4, curv_vals)):
+        for seed, val in enumerate(vals):
+            r = run(seed, 2e-3, alpha, val, 0.5)
+            r["config"].update(activation=activation, batch_size=batch)
+            r["hash"] += f"-{activation}-{batch}"
+            out.append(r)
+    return out
+
+
+def test_best_regime_takes_the_largest_paired_validation_gain_and_waits_for_every_seed():
+    from curvreg.lab.regime_report import best_regime
+    from curvreg.lab.sweep.store import StoreError
+    runs = (_regime_runs("relu", 256, [0.50, 0.52, 0.54], [0.51, 0.53, 0.55])     # +1 point
+            + _regime_runs("gelu", 256, [0.50, 0.50, 0.50], [0.53, 0.51, 0.52]))  # +2 points
+    regime, gain, se = best_regime(select(runs))
+    assert regime == "gelu, batch 256" and gain == pytest.approx(2.0)
+    assert se == pytest.approx(((1 + 1 + 0) / 2) ** 0.5 / 3 ** 0.5)
+    # the test accuracies play no part: a large test gain elsewhere changes nothing
+    for r in runs:
+        if r["config"]["activation"] == "relu" and r["config"]["alpha"] > 0:
+            r["summary"]["test_acc"] = 0.99
+    assert best_regime(select(runs))[0] == "gelu, batch 256"
+    # a regime still missing a seed: refused, naming it
+    partial = runs + _regime_runs("relu", 2048, [0.4, 0.4], [0.6, 0.6])
+    with pytest.raises(StoreError, match=r"relu, batch 2048 \(curvature \+ L2: 1/1 of the budget, seeds \[0, 1\]"):
+        best_regime(select(partial))
+
+
+def test_ablation_report_pairs_every_group_size_with_m_equal_one(tmp_path):
+    from curvreg.lab.regime_report import ablation_rows, ablation_table
+    runs = []
+    for m, alpha, accs in ((1, 5e-4, [0.50, 0.52, 0.54]), (8, 4e-3, [0.52, 0.53, 0.57]),
+                           (256, 0.08, [0.40])):
+        for seed, acc in enumerate(accs):
+            r = run(seed, 2e-3, alpha, acc, acc)
+            r["config"]["group_size"] = m
+            r["hash"] += f"-{m}"
+            runs.append(r)
+    runs.append(dict(run(1, 2e-3, 0.08, 0, 0, status="pending"), hash="p"))
+    runs[-1]["config"]["group_size"] = 256
+    rows = ablation_rows(runs)
+    assert [r["m"] for r in rows] == [1, 8, 256] and rows[2]["runs"] == 2
+    text = ablation_table(rows, "d")
+    assert "| 8 | 0.004 | 54.00 ± 2.65 | 54.00 ± 2.65 | 3/3 | 1.000 ± 0.000 | +2.00 ± 0.58 (n=3) |" in text
+    assert "| 256 (N) | 0.08 | 40.00 | 40.00 | 1/2 | 1.000 | – |" in text  # one seed: no claim
+
+
+def test_the_long_pipeline_report_says_what_it_is(tmp_path):
+    from curvreg.lab.regime_report import LONG_NOTE, table
+    text = table(select([run(0, 2e-3, 0.0, 0.5, 0.4)]), "d", note=LONG_NOTE)
+    assert "100 epochs, ZCA + crop/flip" in text and "40 epochs" not in text
+
+
+def test_a_retrained_models_sharpness_is_matched_to_its_run_and_marked(tmp_path):
+    import json
+
+    from curvreg.lab.regime_report import sharpness_by_run, table
+    sel = select([run(0, 2e-3, 0.0, 0.52, 0.30)])
+    winner = sel["relu, batch 256"]["L2 only"]["hash0"]
+    (tmp_path / "l2.json").write_text(json.dumps({"source": "/tmp/elsewhere/run-x",
+                                                  "retrained_from": winner,
+                                                  "hessian_trace": {"value": 982.0, "stderr": 8.5},
+                                                  "top_eigenvalues": [24.6]}))
+    assert "| 982 ± 8, 24.6 (retrained) |" in table(sel, "d", sharpness_by_run(tmp_path))

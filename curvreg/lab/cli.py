@@ -16,6 +16,7 @@ from curvreg import batchnorm
 from .config import ConfigError, TrainConfig, choices, field_types, load_config_file
 from .data import DataError
 from .exitcodes import Exit
+from .regime_report import STUDIES as REGIME_STUDIES, make_ablation_report, make_regime_report
 from .sweep.backends import BACKENDS
 from .sweep.store import StoreError, StoreLocked
 
@@ -116,9 +117,10 @@ def _sweep_parsers(sub) -> None:
     r.add_argument("--out", type=Path, help="output folder (default: report/ beside the store)")
     r.add_argument("--select-seed", type=int, help="choose each column's setting by this seed's "
                                                    "validation accuracy only (default: mean over seeds)")
-    r.add_argument("--study", choices=("paper", "regimes"), default="paper",
+    r.add_argument("--study", choices=("paper", *REGIME_STUDIES, "ablation"), default="paper",
                    help="paper: Tables 1-2 and Figures 1-2 (default); regimes: the regime table "
-                        "and figure of sweeps/make_regimes_spec.py")
+                        "and figure of sweeps/make_regimes_spec.py; regimes-long and ablation: "
+                        "its two follow-ups (sweeps/make_regime_followups.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,9 +186,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    if args.study == "regimes":
-        from .regime_report import make_regime_report
-        out = make_regime_report(args.src, args.out)
+    if args.study == "ablation":
+        out = make_ablation_report(args.src, args.out)
+        print(f"ablation report in {out} (open {out / 'table.md'})")
+        return Exit.OK
+    if args.study in REGIME_STUDIES:
+        out = make_regime_report(args.src, args.out, study=args.study)
         print(f"regime report in {out} (open {out / 'table.md'})")
         return Exit.OK
     from .report import make_report
