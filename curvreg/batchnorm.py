@@ -48,8 +48,10 @@ plain forward updates them.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 MODES = ("frozen", "unbiased")
 ESTIMATORS = ("probe", "control_variate")  # how "unbiased" covers the statistics' reach
@@ -79,6 +81,35 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_dot, _switch):  # forward mode (curvreg.shared_forward): the true tangent
         return t_dot.clone()
+
+
+class _NormalizedTangent(torch.autograd.Function):
+    """The tangent of xhat = (x - mean) * rstd (statistics over ``dims``) along the input's
+    tangent t: rstd * (t - mean(t) - xhat * mean(t * xhat)), the statistics' coupling included,
+    with a hand-written backward. Forward mode through the elementary ops of ``normalize``
+    computes the same value in about twice as many passes over [N, C, ...], and its backward
+    in about twice as many again; ``curvreg.shared_forward`` takes this one (first order:
+    nothing differentiates the training backward through it again)."""
+
+    @staticmethod
+    def forward(ctx, t, xhat, rstd, dims):
+        c = (t * xhat).mean(dims, keepdim=True)
+        inner = t - t.mean(dims, keepdim=True) - xhat * c
+        ctx.save_for_backward(t, xhat, rstd, c, inner)
+        ctx.dims = dims
+        return inner * rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        t, xhat, rstd, c, inner = ctx.saved_tensors
+        dims = ctx.dims
+        g = grad * rstd  # the gradient of ``inner``
+        d = (g * xhat).mean(dims, keepdim=True)
+        grad_t = g - g.mean(dims, keepdim=True) - xhat * d
+        grad_xhat = -(g * c + t * d)
+        grad_rstd = (grad * inner).sum(dims, keepdim=True)
+        return grad_t, grad_xhat, grad_rstd, None
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -140,8 +171,11 @@ def normalize(args, kwargs, switch: Switch):
         raise ValueError(f"BatchNorm with batch statistics needs more than one value per channel, "
                          f"got input of shape {tuple(x.shape)}")
     _update(args, kwargs)
+    x, t = fwAD.unpack_dual(x)  # a shared forward's input carries a tangent
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims, keepdim=True)  # = x.var(unbiased=False), 4x faster on CPU
     rstd = (_Gate.apply(var, switch) + eps).rsqrt()
     xhat = (x - _Gate.apply(mean, switch)) * rstd
+    if t is not None:
+        xhat = fwAD.make_dual(xhat, _NormalizedTangent.apply(t, xhat, rstd, dims))
     return xhat, w, b
