@@ -174,16 +174,19 @@ def _kron_linear_tangent(module: nn.Linear, x: Tensor, vs: Dict[str, Tensor]) ->
     return t + vs["bias"] if "bias" in vs else t
 
 
+def kron_conv(x: Tensor, probe: KronProbe, groups: int, conv) -> Tensor:
+    """conv(x, a (x) B)[o] = a_o conv(x, B)_{group(o)}: one output channel per group.
+    ``conv(x, kernel)`` convolves with the layer's own stride, padding, dilation and groups."""
+    kernel = probe.b.expand(groups, *probe.b.shape).contiguous()  # [g, C_in / g, *k]
+    z = conv(x, kernel)  # [N, g, *S']
+    if groups > 1:
+        z = z.repeat_interleave(probe.a.shape[0] // groups, dim=1)
+    return z * probe.a.view(1, -1, *[1] * (x.dim() - 2))
+
+
 def _kron_conv_tangent(module: nn.modules.conv._ConvNd, x: Tensor, vs: Dict[str, Tensor]) -> Tensor:
-    """conv(x, a (x) B)[o] = a_o conv(x, B)_{group(o)}: one output channel per group."""
-    w, g = vs["weight"], module.groups
-    spatial = x.shape[2:]
-    kernel = w.b.expand(g, *w.b.shape).contiguous()  # [g, C_in / g, *k]: g groups of one channel
-    z = module._conv_forward(x, kernel, None)  # the layer's own stride/padding/mode: [N, g, *S']
-    if g > 1:
-        z = z.repeat_interleave(module.out_channels // g, dim=1)
-    t = z * w.a.view(1, -1, *[1] * len(spatial))
-    return t + vs["bias"].view(1, -1, *[1] * len(spatial)) if "bias" in vs else t
+    t = kron_conv(x, vs["weight"], module.groups, lambda z, k: module._conv_forward(z, k, None))
+    return t + vs["bias"].view(1, -1, *[1] * (x.dim() - 2)) if "bias" in vs else t
 
 
 @contextmanager

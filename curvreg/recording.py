@@ -124,12 +124,15 @@ class _UsageMode(TorchFunctionMode):
             args = rec._broadcast(args)
         conv = taped_conv.conv_args(func, args, kwargs)
         if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
-            call_args, call_kwargs = shared.substitute(func, args, kwargs)
-            if func is F.batch_norm and shared.valid:  # see batchnorm.explicit
-                with torch._C.DisableTorchFunction():
-                    out = batchnorm.explicit(call_args, call_kwargs, update=True)
-            else:
-                out = func(*call_args, **call_kwargs)
+            with torch._C.DisableTorchFunction():
+                out = shared.conv(conv) if conv is not None else None
+            if out is None:
+                call_args, call_kwargs = shared.substitute(func, args, kwargs)
+                if func is F.batch_norm and shared.valid:  # see batchnorm.explicit
+                    with torch._C.DisableTorchFunction():
+                        out = batchnorm.explicit(call_args, call_kwargs, update=True)
+                else:
+                    out = func(*call_args, **call_kwargs)
         elif (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
             holder = fused.Holder()
             rec.holders.append(holder)

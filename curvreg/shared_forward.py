@@ -28,7 +28,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .probe import FORWARD_AD_FUNCS, KronProbe, draw, quiet_make_dual
+from .probe import FORWARD_AD_FUNCS, KronProbe, draw, kron_conv, quiet_make_dual
+from .rules.conv import CONV
 
 
 def signature(model: nn.Module, args) -> tuple:
@@ -52,6 +53,7 @@ class SharedForward:
         self.params = params
         vs = {key: draw(params[key][1], distribution, generator) for key in self.order}
         self.vs = {key: v.dense() if isinstance(v, KronProbe) else v for key, v in vs.items()}
+        self.kron = {key: v for key, v in vs.items() if isinstance(v, KronProbe)}
         self.duals: Dict[int, Tensor] = {}
         self.tangents: Optional[list] = None  # of the model's output tensors, after ``finish``
         self.valid = True
@@ -82,6 +84,27 @@ class SharedForward:
     def get(self, t):
         """The dual of parameter ``t`` (itself if it has none)."""
         return self.duals.get(id(t), t) if isinstance(t, nn.Parameter) else t
+
+    def conv(self, c) -> Optional[Tensor]:
+        """A convolution (``ops.ConvCall``) whose weight has a Kronecker probe a (x) B, written
+        out: the primal, and the tangent conv(x_dot, W) + a (x) conv(x, B) (plus the bias's),
+        where forward mode would convolve x with the dense a (x) B. None for any other
+        convolution. Call with torch functions disabled."""
+        probe = self.kron.get(id(c.weight))
+        if probe is None or not self.valid:
+            return None
+        x, x_dot = fwAD.unpack_dual(c.x)
+        bias = c.bias if c.bias is None else fwAD.unpack_dual(c.bias).primal
+        conv = CONV[c.nd]
+        y = conv(x, c.weight, bias, c.stride, c.padding, c.dilation, c.groups)
+        t = kron_conv(x, probe, c.groups,
+                      lambda z, k: conv(z, k, None, c.stride, c.padding, c.dilation, c.groups))
+        if x_dot is not None:
+            t = t + conv(x_dot, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+        v_bias = self.vs.get(id(c.bias))
+        if v_bias is not None:
+            t = t + v_bias.view(1, -1, *[1] * c.nd)
+        return fwAD.make_dual(y, t)
 
     def substitute(self, func, args, kwargs):
         """An op's arguments with the probed parameters replaced by their duals (one level

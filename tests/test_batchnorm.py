@@ -206,6 +206,7 @@ CV = {"bn_estimator": "control_variate"}
     ("cnn_two_bn", {"group_size": 2, **CV}),
     ("cnn_two_bn", {"estimator": "hybrid", **CV}),
     ("mlp_one_bn", {"estimator": "probe", "distribution": "gaussian"}),
+    ("cnn_two_bn", {"distribution": "kronecker"}),
 ])
 def test_unbiased_mean_matches_true_norms(name, kw):
     model, x, y = build(name)
@@ -555,6 +556,50 @@ def test_the_shared_forward_equals_the_rerun(name, group_size, num_probes, monke
     for bn, bn_ref in zip(_bns(model), _bns(plain)):
         assert torch.allclose(bn.running_mean, bn_ref.running_mean, rtol=0, atol=1e-14)
         assert torch.allclose(bn.running_var, bn_ref.running_var, rtol=0, atol=1e-14)
+
+
+def _grouped_cnn():
+    """A grouped, strided, padded convolution between two BatchNorms, its bias before a Tanh
+    (a bias right before a BatchNorm has no effect on the loss)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.Tanh(),
+                         nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("name", ["cnn_two_bn", "seq_bn1d", "grouped"])
+def test_kronecker_probes_in_a_shared_forward_equal_the_rerun(name, monkeypatch):
+    """With distribution="kronecker" the shared forward writes each probed convolution's
+    tangent out as conv(x_dot, W) + a (x) conv(x, B) (one output channel per group); the
+    re-run convolves with the dense a (x) B in forward mode. Same probes, same estimate and
+    penalty gradient."""
+    if name == "grouped":
+        torch.manual_seed(0)
+        model, x, y = _grouped_cnn().to(DT), torch.randn(6, 3, 9, 9, dtype=DT), torch.randint(0, 3, (6,))
+    else:
+        model, x, y = build(name)
+    params = params_of(model)
+    counts = _counting(monkeypatch)
+    import curvreg.shared_forward as sf
+    written = []
+    conv = sf.SharedForward.conv
+    monkeypatch.setattr(sf.SharedForward, "conv",
+                        lambda self, c: written.append(conv(self, c)) or written[-1])
+
+    def run():
+        gen = torch.Generator().manual_seed(5)
+        counts.update(rerun=0, double_backward=0)
+        with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen,
+                                  distribution="kronecker") as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
+        return sq, flat(torch.autograd.grad(sq.mean(), params)), dict(counts)
+
+    sq_ref, grad_ref, first = run()
+    assert first == {"rerun": 1, "double_backward": 0} and not written
+    sq, grad, second = run()
+    assert second == {"rerun": 0, "double_backward": 0}
+    assert written and all(out is not None for out in written)  # every conv written out
+    assert rel_err(sq, sq_ref) < 1e-10 and rel_err(grad, grad_ref) < 1e-10
 
 
 class _Branchy(nn.Module):
