@@ -94,16 +94,17 @@ class SharedForward:
         if probe is None or not self.valid:
             return None
         x, x_dot = fwAD.unpack_dual(c.x)
-        bias = c.bias if c.bias is None else fwAD.unpack_dual(c.bias).primal
+        bias, b_dot = fwAD.unpack_dual(c.bias) if c.bias is not None else (None, None)
+        if b_dot is None:  # a probed bias is passed as the parameter itself, not its dual
+            b_dot = self.vs.get(id(c.bias))
         conv = CONV[c.nd]
         y = conv(x, c.weight, bias, c.stride, c.padding, c.dilation, c.groups)
         t = kron_conv(x, probe, c.groups,
                       lambda z, k: conv(z, k, None, c.stride, c.padding, c.dilation, c.groups))
         if x_dot is not None:
             t = t + conv(x_dot, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
-        v_bias = self.vs.get(id(c.bias))
-        if v_bias is not None:
-            t = t + v_bias.view(1, -1, *[1] * c.nd)
+        if b_dot is not None:
+            t = t + b_dot.view(1, -1, *[1] * c.nd)
         return fwAD.make_dual(y, t)
 
     def substitute(self, func, args, kwargs):
