@@ -44,9 +44,8 @@ REGIME = ("activation", "batch_size", "lr", "warmup_epochs")
 LONG = dict(epochs=100, normalization="zca", augment=True)
 
 
-def penalty_at_init(cfg, m: int, batches: int = 8) -> float:
+def penalty_at_init(cfg, data, m: int, batches: int = 8) -> float:
     torch.manual_seed(cfg.seed)
-    data = data_from_config(cfg, torch.device("cpu"))
     model = model_from_config(cfg, data.num_classes)
     total = 0.0
     for k in range(batches):
@@ -87,7 +86,8 @@ def main():
     cfg = make_config({**BASE, **fields, "weight_decay": curv["weight_decay"],
                        "data_dir": os.environ.get("CURVREG_DATA")})
     sizes = [1, 8, 64, cfg.batch_size]
-    r = {m: penalty_at_init(cfg, m) for m in sizes}
+    data = data_from_config(cfg, torch.device("cpu"))
+    r = {m: penalty_at_init(cfg, data, m) for m in sizes}
     alphas = {m: curv["alpha"] * r[1] / r[m] for m in sizes}
     for m in sizes:
         print(f"m = {m:5d}: R_m at init {r[m]:.5g}, alpha_m {alphas[m]:.4g}")

@@ -96,6 +96,10 @@ def paired_difference(entry: dict, base: dict, metric: str = "test") -> Optional
     return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5, len(d)
 
 
+def _diff_cell(diff: Optional[tuple]) -> str:
+    return f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else "–"
+
+
 def best_regime(selected, seeds=(0, 1, 2)) -> tuple:
     """The regime where curvature + L2 helps most, by the rule fixed before stage 2 ran:
     the largest mean paired *validation* accuracy difference of its curvature + L2 selection
@@ -177,10 +181,9 @@ def table(selected, store_digest: str, sharpness: Optional[Dict[str, dict]] = No
             if c.get("method", "sgd") != "sgd":
                 knobs.append(f"ρ {c['rho']:g}")
             diff = paired_difference(e, cols.get("L2 only", {})) if method != "L2 only" else None
-            diff_text = f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else "–"
             lines.append(f"| {regime} | {method} | {_mean_sd(e['test'], 100)} | {len(e['test'])} | "
                          f"{_mean_sd(e['fisher'], 1.0, 3)} | {_sharpness_cell(sharpness.get(e['hash0']))} | "
-                         f"{budget} | {', '.join(knobs)} | {diff_text} |")
+                         f"{budget} | {', '.join(knobs)} | {_diff_cell(diff)} |")
     lines += ["", note + " Δ: mean ± standard error of the "
               "per-seed differences to L2 only. tr(F̄) = mean_i ||∇ℓ_i||² on 1,024 training "
               "examples at the end. tr(H) ± s.e. (100 Hutchinson probes) and the top Hessian "
@@ -250,16 +253,22 @@ STUDIES = {  # study -> (table note, figure title)
 }
 
 
+def _runs_and_out(src, out: Optional[Path]) -> tuple:
+    """(runs, output folder, made if missing) of a store with a finished run; else StoreError."""
+    db, runs, _ = load(src)
+    out = Path(out) if out else db.parent / "report"
+    if not any(r["status"] == "done" for r in runs):
+        raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
+    out.mkdir(parents=True, exist_ok=True)
+    return runs, out
+
+
 def make_regime_report(src, out: Optional[Path] = None, sharpness: Optional[Path] = None,
                        study: str = "regimes") -> Path:
     note, title = STUDIES[study]
-    db, runs, _ = load(src)
-    out = Path(out) if out else db.parent / "report"
+    runs, out = _runs_and_out(src, out)
     if sharpness is None and (out / "sharpness").is_dir():
         sharpness = out / "sharpness"
-    out.mkdir(parents=True, exist_ok=True)
-    if not any(r["status"] == "done" for r in runs):
-        raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
     selected = select(runs)
     (out / "table.md").write_text(table(selected, digest(runs), sharpness_by_run(sharpness), note))
     chosen = final_selections(selected)
@@ -299,8 +308,7 @@ def ablation_table(rows: List[dict], store_digest: str) -> str:
         diff = paired_difference(row, first) if row["m"] != 1 else None
         lines.append(f"| {m} | {row['alpha']:.4g} | {_mean_sd(row['test'], 100)} | "
                      f"{_mean_sd(row['vals'], 100)} | {len(row['test'])}/{row['runs']} | "
-                     f"{_mean_sd(row['fisher'], 1.0, 3)} | "
-                     + (f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else "–") + " |")
+                     f"{_mean_sd(row['fisher'], 1.0, 3)} | {_diff_cell(diff)} |")
     lines += ["", "curvature + L2 at the regime study's selected regime and configuration, with the "
               "penalty on groups of m examples (m = 1: per-example gradients, the paper's penalty; "
               "m = N: the gradient of the batch-mean loss). α_m = α_1 · R_1(θ₀) / R_m(θ₀) matches "
@@ -341,11 +349,7 @@ def ablation_figure(rows: List[dict], path: Path) -> None:
 
 def make_ablation_report(src, out: Optional[Path] = None) -> Path:
     """table.md and ablation.png of the group_size ablation store."""
-    db, runs, _ = load(src)
-    out = Path(out) if out else db.parent / "report"
-    if not any(r["status"] == "done" for r in runs):
-        raise StoreError(f"{db} has no finished run yet ({len(runs)} runs stored); nothing to report")
-    out.mkdir(parents=True, exist_ok=True)
+    runs, out = _runs_and_out(src, out)
     rows = ablation_rows(runs)
     (out / "table.md").write_text(ablation_table(rows, digest(runs)))
     ablation_figure(rows, out / "ablation.png")
