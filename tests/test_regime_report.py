@@ -10,7 +10,6 @@ from curvreg.lab.regime_report import digest, make_regime_report, paired_differe
 from curvreg.lab.report import load
 
 ROOT = Path(__file__).resolve().parents[1]
-STORE, DOCS = ROOT / "sweeps" / "regimes" / "sweep.db", ROOT / "docs" / "regimes"
 BASE = dict(activation="relu", batch_size=256, lr=0.05, warmup_epochs=0.0, method="sgd", rho=0.05,
             model="fc512", dataset="cifar10", epochs=40)
 
@@ -42,16 +41,33 @@ def test_selection_uses_seed_zero_validation_and_reports_every_seed():
     assert [c["alpha"] for c in final_selections(select(runs))] == [0.0, 0.0]  # L2 only, SAM
 
 
-def test_committed_report_regenerates_byte_for_byte(tmp_path):
-    committed = re.search(r"Store digest: `(\w+)`", (DOCS / "table.md").read_text()).group(1)
-    _, runs, _ = load(STORE)
+REPORTS = {  # study: (store folder, docs folder, files of the report)
+    "regimes": ("regimes", "regimes", ("table.md", "selected.json", "regimes.png")),
+    "regimes-long": ("regimes-long", "regimes-long", ("table.md", "selected.json", "regimes.png")),
+    "ablation": ("ablation-group-size", "ablation-group-size", ("table.md", "ablation.png")),
+}
+
+
+@pytest.mark.parametrize("study", REPORTS)
+def test_committed_report_regenerates_byte_for_byte(study, tmp_path):
+    from curvreg.lab.regime_report import make_ablation_report
+    store, docs, files = REPORTS[study]
+    store, docs = ROOT / "sweeps" / store / "sweep.db", ROOT / "docs" / docs
+    if not (docs / "table.md").exists():
+        pytest.skip(f"no committed report of the {study} study yet")
+    committed = re.search(r"Store digest: `(\w+)`", (docs / "table.md").read_text()).group(1)
+    _, runs, _ = load(store)
     if digest(runs) != committed:
-        pytest.skip("the store has moved on since docs/regimes was generated (a study is "
-                    "running); regenerate with: curvreg report sweeps/regimes --study regimes "
-                    "--out docs/regimes")
-    out = make_regime_report(STORE, tmp_path, sharpness=DOCS / "sharpness")
-    for name in ("table.md", "selected.json", "regimes.png"):
-        assert filecmp.cmp(out / name, DOCS / name, shallow=False), name
+        pytest.skip(f"the store has moved on since {docs.name} was generated (a study is "
+                    f"running); regenerate with: curvreg report {store.parent.relative_to(ROOT)} "
+                    f"--study {study} --out docs/{docs.name}")
+    if study == "ablation":
+        out = make_ablation_report(store, tmp_path)
+    else:
+        sharpness = docs / "sharpness" if (docs / "sharpness").is_dir() else None
+        out = make_regime_report(store, tmp_path, sharpness=sharpness, study=study)
+    for name in files:
+        assert filecmp.cmp(out / name, docs / name, shallow=False), name
 
 
 def test_table_shows_the_sharpness_of_each_seed0_winner(tmp_path):
