@@ -8,7 +8,8 @@ Reads only the sweep store. Writes into ``--out`` (``docs/regimes/`` for the com
                    paired per-seed difference to L2 only
     selected.json  the selections whose whole budget has run (input of ``make_regimes_spec.py
                    --seeds-for``; a provisional selection could still change, so it is left out)
-    regimes.png    the same as a figure: test accuracy and final tr(F_bar) per regime
+    regimes.png    the same as a figure: test accuracy, the paired difference to L2 only and
+                   final tr(F_bar) per regime
 With ``sharpness`` (default ``<out>/sharpness`` where it exists), the table also shows tr(H) +-
 s.e. and lambda_1 of each selected configuration's seed-0 model, from the ``curvreg sharpness``
 JSON files in that folder whose ``source`` is that run's directory.
@@ -195,12 +196,13 @@ def table(selected, store_digest: str, sharpness: Optional[Dict[str, dict]] = No
 
 
 def figure(selected, path: Path, title: str) -> None:
-    """Test accuracy (mean, std over seeds) and final tr(F_bar) of each regime's selections."""
+    """Test accuracy (mean, std over seeds), the paired difference to L2 only and final
+    tr(F_bar) of each regime's selections."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     regimes = sorted(selected, key=_regime_order)
-    fig, (ax_acc, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_acc, ax_d, ax_f) = plt.subplots(1, 3, figsize=(16, 4.2))
     offset = 0.15
     for k, method in enumerate(METHODS):
         points = {True: ([], [], [], []), False: ([], [], [], [])}  # complete budget or not
@@ -221,8 +223,9 @@ def figure(selected, path: Path, title: str) -> None:
                 style["markerfacecolor"] = "white"
             ax_acc.errorbar(xs, acc, yerr=sd, capsize=3, **style)
             ax_f.plot(xs, fish, **style)
+    _paired_panel(ax_d, selected, regimes, offset)
     labels = [r.replace(", ", "\n") for r in regimes]
-    for ax in (ax_acc, ax_f):
+    for ax in (ax_acc, ax_d, ax_f):
         ax.set_xticks(range(len(regimes)))
         ax.set_xticklabels(labels)
         ax.set_xlim(-0.5, len(regimes) - 0.5)
@@ -238,6 +241,25 @@ def figure(selected, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
+
+
+def _paired_panel(ax, selected, regimes, offset) -> None:
+    """Per regime, each regularizer's mean paired test-accuracy difference to L2 only, with
+    its standard error (only where at least two seeds are shared)."""
+    for k, method in enumerate(METHODS[1:], start=1):
+        xs, mean, se = [], [], []
+        for i, regime in enumerate(regimes):
+            diff = paired_difference(selected[regime].get(method, {}),
+                                     selected[regime].get("L2 only", {}))
+            if diff:
+                xs.append(i + (k - 1.5) * offset)
+                mean.append(diff[0])
+                se.append(diff[1])
+        ax.errorbar(xs, mean, yerr=se, capsize=3, color=COLORS[method], marker="os^D"[k],
+                    linestyle="none", label=method)
+    ax.axhline(0.0, color=COLORS["L2 only"], linewidth=1)
+    ax.set_ylabel("Δ test accuracy vs L2 only (points)")
+    ax.set_title("paired per-seed difference to L2 only (bars: standard error)", fontsize=10)
 
 
 def final_selections(selected) -> List[dict]:
