@@ -154,3 +154,31 @@ def test_a_retrained_models_sharpness_is_matched_to_its_run_and_marked(tmp_path)
                                                   "hessian_trace": {"value": 982.0, "stderr": 8.5},
                                                   "top_eigenvalues": [24.6]}))
     assert "| 982 ± 8, 24.6 (retrained) |" in table(sel, "d", sharpness_by_run(tmp_path))
+
+
+def test_committed_follow_up_specs_are_at_the_regime_the_committed_store_selects():
+    """The two follow-up specs were written from the regime store by the pre-stated rule: their
+    header names the regime best_regime picks now, and their points are its selections."""
+    import yaml
+
+    from curvreg.lab.regime_report import best_regime
+    specs = [ROOT / "sweeps" / f for f in ("regimes-long.yaml", "ablation-group-size.yaml")]
+    if not all(p.exists() for p in specs):
+        pytest.skip("the follow-up specs are written once stage 2 is complete")
+    _, runs, _ = load(ROOT / "sweeps" / "regimes" / "sweep.db")
+    selected = select(runs)
+    regime, gain, se = best_regime(selected)
+    l2, curv = (selected[regime][m]["config"] for m in ("L2 only", "curvature + L2"))
+    for path in specs:
+        text = path.read_text()
+        assert f"# regime {regime}: validation gain of curvature + L2 {gain:+.2f} ± {se:.2f}" in text
+        for point in yaml.safe_load(text)["extra"]:
+            assert f"{point['activation']}, batch {point['batch_size']}" == regime
+            chosen = curv if point["alpha"] > 0 else l2
+            assert point["weight_decay"] == chosen["weight_decay"]
+            assert (point["lr"], point["warmup_epochs"]) == (chosen["lr"], chosen["warmup_epochs"])
+    long_alphas = {p["alpha"] for p in yaml.safe_load(specs[0].read_text())["extra"]}
+    assert long_alphas == {0.0, curv["alpha"]}
+    ablation = yaml.safe_load(specs[1].read_text())["extra"]
+    assert {p["group_size"] for p in ablation} == {1, 8, 64, curv["batch_size"]}
+    assert {p["alpha"] for p in ablation if p["group_size"] == 1} == {curv["alpha"]}
