@@ -217,6 +217,8 @@ def figure(selected, path: Path, title: str) -> None:
             sd.append(statistics.stdev(t) if len(t) > 1 else 0.0)
             fish.append(statistics.mean(e["fisher"]))
         for full, (xs, acc, sd, fish) in points.items():
+            if not xs:
+                continue
             style = dict(color=COLORS[method], marker="os^D"[k], linestyle="none",
                          label=method if full else None)
             if not full:  # provisional: hollow
@@ -255,8 +257,9 @@ def _paired_panel(ax, selected, regimes, offset) -> None:
                 xs.append(i + (k - 1.5) * offset)
                 mean.append(diff[0])
                 se.append(diff[1])
-        ax.errorbar(xs, mean, yerr=se, capsize=3, color=COLORS[method], marker="os^D"[k],
-                    linestyle="none", label=method)
+        if xs:
+            ax.errorbar(xs, mean, yerr=se, capsize=3, color=COLORS[method], marker="os^D"[k],
+                        linestyle="none", label=method)
     ax.axhline(0.0, color=COLORS["L2 only"], linewidth=1)
     ax.set_ylabel("Δ test accuracy vs L2 only (points)")
     ax.set_title("paired per-seed difference to L2 only (bars: standard error)", fontsize=10)
