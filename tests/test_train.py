@@ -345,3 +345,20 @@ def test_a_step_reads_nothing_back_to_the_host(tmp_path, monkeypatch, method, es
     trainer.step(x, y, 0.1)
     monkeypatch.undo()
     assert reads == []
+
+
+@pytest.mark.parametrize("m", [3, 24])
+def test_group_size_that_does_not_divide_the_last_batch(tmp_path, monkeypatch, m):
+    """448 training examples in batches of 48: the last batch (16) is cut to whole groups of m,
+    or left out when it holds none, instead of failing in the tape."""
+    sizes = []
+    real = train_mod.Trainer.step
+
+    def spy(self, x, y, t):
+        sizes.append(x.shape[0])
+        return real(self, x, y, t)
+
+    monkeypatch.setattr(train_mod.Trainer, "step", spy)
+    train_mod.train({**QUICK, "train_subset": 448, "batch_size": 48, "epochs": 1, "alpha": 1e-3,
+                     "group_size": m}, tmp_path / "r", progress=False)
+    assert sizes == [48] * 9 + ([15] if m == 3 else [])

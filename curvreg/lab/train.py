@@ -246,7 +246,11 @@ class Trainer:
     def run_epoch(self) -> dict:
         cfg, d = self.cfg, self.data
         gen = torch.Generator().manual_seed(derived_seed(cfg.seed, "shuffle", self.epoch))
-        steps = math.ceil(d.x_train.shape[0] / cfg.batch_size)
+        # the last, partial batch is cut to whole groups of group_size examples (the penalty is
+        # over groups), and left out when it holds none; with group_size 1 it is kept whole
+        m, n_train = cfg.group_size, d.x_train.shape[0]
+        tail = n_train % cfg.batch_size
+        steps = n_train // cfg.batch_size + (tail >= m)
         sums = torch.zeros(4, device=self.device)
         n = n_sq = 0
         start = time.perf_counter()
@@ -254,6 +258,10 @@ class Trainer:
         info = {}
         for k, (x, y) in enumerate(epoch_batches(d.x_train, d.y_train, cfg.batch_size, gen,
                                                   do_augment=cfg.augment)):
+            if k == steps:
+                break
+            if x.shape[0] % m:
+                x, y = x[:x.shape[0] - x.shape[0] % m], y[:x.shape[0] - x.shape[0] % m]
             info = self.step(x, y, self.epoch + k / steps)
             sums += info["stats"]
             n, n_sq = n + info["n"], n_sq + info["n_sq"]
