@@ -163,7 +163,6 @@ def test_sweep_resumes_skips_done_and_adds_new_points(tmp_path, capsys):
 
 
 @needs_data
-@needs_data
 def test_failed_runs_are_retried_up_to_the_limit(tmp_path, capsys):
     s = spec(tmp_path, "{lr: [0.05]}", extra="max_attempts: 2\n")
     s.write_text(s.read_text().replace("schedule: constant", "schedule: constant, val_size: 60000"))
@@ -175,6 +174,16 @@ def test_failed_runs_are_retried_up_to_the_limit(tmp_path, capsys):
     assert last in capsys.readouterr().out  # each failure line says why
     assert main(["report", str(db)]) == 2  # no finished run: an error, not an empty table
     assert "no finished run" in capsys.readouterr().err
+    # Its attempts are used up: a plain rerun leaves it alone; --retry-failed gives it new ones.
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1", "--no-progress"]) == 1
+    again, = runs_by_hash(db)[0].values()
+    assert again["attempts"] == 2 and again["started"] == r["started"]
+    capsys.readouterr()
+    assert main(["sweep", str(s), "--db", str(db), "--threads", "1", "--no-progress",
+                 "--retry-failed"]) == 1
+    retried, = runs_by_hash(db)[0].values()
+    assert retried["attempts"] == 2 and retried["started"] > r["started"]
+    assert "1 failed retried" in capsys.readouterr().out
 
 
 def test_a_systematic_failure_stops_the_sweep_early(tmp_path, capsys):

@@ -111,6 +111,8 @@ def _sweep_parsers(sub) -> None:
     p.add_argument("--address", help="Ray cluster address (default: start or join a local one)")
     p.add_argument("--db", type=Path, help="SQLite store (default <spec folder>/<spec name>/sweep.db, e.g. sweeps/fc512-fig1/sweep.db for sweeps/fc512-fig1.yaml)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="give the failed runs a fresh max_attempts (after fixing their cause)")
     r = sub.add_parser("report", help="tables and figures from a sweep store",
                        description="Write table.md, runs.csv, figures and index.md from a sweep.")
     r.add_argument("src", type=Path, metavar="SWEEP_DB_OR_DIR")
@@ -180,7 +182,8 @@ def cmd_sharpness(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweep import run_sweep
     counts = run_sweep(args.spec, workers=args.workers, backend=args.backend, db=args.db,
-                       address=args.address, progress=args.progress, threads=args.threads)
+                       address=args.address, progress=args.progress, threads=args.threads,
+                       retry_failed=args.retry_failed)
     print(json.dumps(counts))
     return Exit.OK if counts["pending"] == counts["running"] == counts["failed"] == 0 else Exit.FAILED
 

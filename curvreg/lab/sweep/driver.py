@@ -18,8 +18,12 @@ from .store import Store, driver_lock
 
 def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
               address: Optional[str] = None, progress: Optional[bool] = None,
-              threads: Optional[int] = None, poll_seconds: float = 0.5) -> Dict[str, int]:
+              threads: Optional[int] = None, poll_seconds: float = 0.5,
+              retry_failed: bool = False) -> Dict[str, int]:
     """Run (or resume) every point of the spec; returns the final status counts of its points.
+
+    Failed runs are retried until they have used the spec's ``max_attempts``; ``retry_failed``
+    gives the failed points of this spec a fresh count (after the cause has been fixed).
 
     ``threads`` per run defaults to cores // workers (at least 1), so workers x threads <= cores.
     """
@@ -39,8 +43,10 @@ def run_sweep(spec_path, *, workers: int = 1, backend: str = "local", db=None,
         hashes = [config_hash(c) for c in points]
         added = store.add([(h, c, Path("runs") / h) for h, c in zip(hashes, points)])
         requeued = store.requeue_running()
+        retried = store.requeue_failed(hashes) if retry_failed else 0
         store.set_meta("spec", spec)
-        print(f"sweep {db}: {len(points)} points ({added} new, {requeued} resumed after a kill), "
+        print(f"sweep {db}: {len(points)} points ({added} new, {requeued} resumed after a kill"
+              + (f", {retried} failed retried" if retry_failed else "") + "), "
               f"{backend} backend, {workers} worker(s) x {threads} thread(s)", flush=True)
         runner = (LocalBackend(workers, threads) if backend == "local"
                   else RayBackend(workers, threads, address))

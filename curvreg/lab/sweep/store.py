@@ -91,6 +91,13 @@ class Store:
             return self.db.execute("UPDATE runs SET status='pending', pid=NULL "
                                    "WHERE status='running'").rowcount
 
+    def requeue_failed(self, hashes: Sequence[str]) -> int:
+        """Failed runs among ``hashes`` go back to ``pending`` with a fresh attempt count."""
+        with self._tx():
+            return sum(self.db.execute("UPDATE runs SET status='pending', attempts=0, pid=NULL "
+                                       "WHERE status='failed' AND hash=?", (h,)).rowcount
+                       for h in hashes)
+
     def claim(self, hashes: Sequence[str], max_attempts: int) -> Optional[sqlite3.Row]:
         """Mark the first claimable run among ``hashes`` (in order) as running and return it."""
         order = {h: i for i, h in enumerate(hashes)}
