@@ -163,6 +163,16 @@ def _outer_reference(a, b):
     return torch.bmm(b.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 3), (2, 3, 9)), ((2, 9, 3), (2, 3, 3)),
+                                    ((2, 3, 9), (2, 9, 3))])  # x, y, the result smallest
+def test_the_backward_factor_lands_on_the_smallest_operand_without_changing_the_product(shapes):
+    from curvreg.rules._base import _bmm_times
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes)
+    f = torch.tensor([2.0, -0.5], dtype=torch.float64).reshape(2, 1, 1)
+    torch.testing.assert_close(_bmm_times(x, y, f), torch.bmm(x, y) * f, rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("form", ["gram", "outer"])
 def test_sequence_weight_norm_forms_are_exact_to_every_order(form, scaled):

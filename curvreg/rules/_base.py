@@ -145,6 +145,18 @@ class _Pow2Scales:
                 _ldexp(2 * s_bar, 2 * self.ea + self.eb).reshape(-1, 1, 1))
 
 
+def _bmm_times(x: Tensor, y: Tensor, f: Tensor) -> Tensor:
+    """``bmm(x, y) * f`` for a ``[G, 1, 1]`` factor, applied to the smallest of x, y and the
+    result (the [T, T] Gram rather than a [T, p] product: one pass over far fewer entries)."""
+    sizes = (x.numel(), y.numel(), x.shape[0] * x.shape[1] * y.shape[2])
+    smallest = sizes.index(min(sizes))
+    if smallest == 0:
+        return torch.bmm(x * f, y)
+    if smallest == 1:
+        return torch.bmm(x, y * f)
+    return torch.bmm(x, y) * f
+
+
 class _GramSqNorm(torch.autograd.Function):
     """s_k = sum_{t,s} (A A^T)_{ts} (B B^T)_{ts} per group k; backward from the two Grams:
     ds/dA = 2 (B B^T) A and ds/dB = 2 (A A^T) B (both Grams are symmetric).
@@ -175,8 +187,8 @@ class _GramSqNorm(torch.autograd.Function):
         else:
             ctx.grams = (None, None)  # freed after the one backward that needs them
         fa, fb = scales.grad_factors(s_bar)
-        da = torch.bmm(gb, a_s) * fa if ctx.needs_input_grad[0] else None
-        db = torch.bmm(ga, b_s) * fb if ctx.needs_input_grad[1] else None
+        da = _bmm_times(gb, a_s, fa) if ctx.needs_input_grad[0] else None
+        db = _bmm_times(ga, b_s, fb) if ctx.needs_input_grad[1] else None
         return da, db
 
 
@@ -212,8 +224,8 @@ class _OuterSqNorm(torch.autograd.Function):
         else:
             ctx.m = None
         fa, fb = scales.grad_factors(s_bar)
-        da = torch.bmm(b_s, m) * fa if ctx.needs_input_grad[0] else None
-        db = torch.bmm(a_s, m.transpose(1, 2).contiguous()) * fb if ctx.needs_input_grad[1] else None
+        da = _bmm_times(b_s, m, fa) if ctx.needs_input_grad[0] else None
+        db = _bmm_times(a_s, m.transpose(1, 2).contiguous(), fb) if ctx.needs_input_grad[1] else None
         return da, db
 
 
