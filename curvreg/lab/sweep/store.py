@@ -94,9 +94,9 @@ class Store:
     def requeue_failed(self, hashes: Sequence[str]) -> int:
         """Failed runs among ``hashes`` go back to ``pending`` with a fresh attempt count."""
         with self._tx():
-            return sum(self.db.execute("UPDATE runs SET status='pending', attempts=0, pid=NULL "
-                                       "WHERE status='failed' AND hash=?", (h,)).rowcount
-                       for h in hashes)
+            return self.db.executemany("UPDATE runs SET status='pending', attempts=0, pid=NULL "
+                                       "WHERE status='failed' AND hash=?",
+                                       [(h,) for h in hashes]).rowcount
 
     def claim(self, hashes: Sequence[str], max_attempts: int) -> Optional[sqlite3.Row]:
         """Mark the first claimable run among ``hashes`` (in order) as running and return it."""
