@@ -4,10 +4,11 @@
 Models (random init, CPU-sized inputs): torchvision ResNet-18 (BatchNorm in eval mode),
 ConvNeXt-Tiny and a ResNet-18-sized timm ResNetV2 with BiT's weight-standardized convolutions
 and GroupNorm at 64x64, timm ViT-Tiny (192 wide, 12 blocks, 3 heads) on 32x32 with 4x4
-patches, and a GPT-2-small-shaped classifier (12 layers, 768 wide, 12 heads, T = 128).
+patches, and a GPT-2-small-shaped classifier (12 layers, 768 wide, 12 heads, T = 128), as configured by
+default (``gelu_new``, a GELU written in Python arithmetic) and with ``gelu_pytorch_tanh``.
 Targets: transformers <= 2.5x, ResNet / ConvNeXt <= 4x, no layer on the per-example loop.
 Usage:
-    python benchmarks/bench_zoo.py [--rounds 3] [--models resnet18 vit_tiny gpt2_small convnext_tiny]
+    python benchmarks/bench_zoo.py [--rounds 3] [--models resnet18 vit_tiny gpt2_small gpt2_small_tanh ...]
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from curvreg.objective import cross_entropy
 from bench_step import ALPHA, medians
 
 TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5,
-           "resnetv2_bit": 4.0}
+           "gpt2_small_tanh": 2.5, "resnetv2_bit": 4.0}
 
 
 def resnet18():
@@ -50,17 +51,25 @@ def vit_tiny():
     return model, torch.randn(16, 3, 32, 32), 10
 
 
-def gpt2_small():
+def gpt2_small(activation="gelu_new"):
     from transformers import GPT2Config, GPT2ForSequenceClassification
     cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=128, vocab_size=50257,
-                     num_labels=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     num_labels=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     activation_function=activation)
     model = GPT2ForSequenceClassification(cfg)
     model.config.use_cache = False
     return model, torch.randint(1, 50257, (2, 128)), 2
 
 
+def gpt2_small_tanh():
+    """GPT-2 with PyTorch's tanh GELU kernel, which the tape runs for GPT-2's Python-written
+    GELU (``curvreg.taped_gelu``): the plain step that pays for no Python GELU either."""
+    return gpt2_small("gelu_pytorch_tanh")
+
+
 MODELS = {"resnet18": resnet18, "vit_tiny": vit_tiny, "gpt2_small": gpt2_small,
-          "convnext_tiny": convnext_tiny, "resnetv2_bit": resnetv2_bit}
+          "gpt2_small_tanh": gpt2_small_tanh, "convnext_tiny": convnext_tiny,
+          "resnetv2_bit": resnetv2_bit}
 
 
 def logits(out):

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention, batchnorm, fused, ops, shared_forward, taped_conv
+from . import attention, batchnorm, fused, ops, shared_forward, taped_conv, taped_gelu
 from .probe import LINEAR_IN_PARAMS
 from .rules import std_conv
 
@@ -141,6 +141,8 @@ class _UsageMode(TorchFunctionMode):
         elif conv is not None and (id(conv.weight) in rec.params or rec._standardized(conv)):
             out = taped_conv.TapedConv.apply(conv.x, conv.weight, conv.bias, conv.nd, conv.stride,
                                              conv.padding, conv.dilation, conv.groups, rec.switch)
+        elif func is F.gelu and (gelu := taped_gelu.gelu_input(args, kwargs)) is not None:
+            out = taped_gelu.TapedGelu.apply(*gelu)
         else:
             out = func(*args, **kwargs)
         rec._on_op(func, args, kwargs, out)
@@ -242,6 +244,7 @@ class Recording:
         self.params: Dict[int, tuple] = {}
         self.paths: Dict[int, str] = {}
         self._handles: list = []
+        self._patched: List[nn.Module] = []  # modules whose forward runs as F.gelu while recording
         self._mode: Optional[_UsageMode] = None
         self.recording = False
         self.reset()
@@ -289,6 +292,10 @@ class Recording:
             # same function with differentiable ops (nested calls included).
             self._sdpa = sdpa_kernel(SDPBackend.MATH)
             self._sdpa.__enter__()
+            # tanh GELUs written in Python arithmetic run as F.gelu (curvreg.taped_gelu)
+            self._patched = [m for m in self.model.modules() if taped_gelu.computes_tanh_gelu(m)]
+            for m in self._patched:
+                m.forward = taped_gelu.tanh_gelu
             self._mode = _UsageMode(self)
             self._mode.__enter__()
         except BaseException:
@@ -315,6 +322,9 @@ class Recording:
     def _remove(self):
         for h in self._handles:
             h.remove()
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._patched = []
         self._handles, self._mode, self._stack = [], None, []
 
     def _pre_hook(self, module, args):
