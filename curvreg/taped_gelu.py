@@ -83,11 +83,22 @@ def _second_differentiable(x: Tensor, approximate: str) -> Tensor:
 class TapedGelu(torch.autograd.Function):
     """y = F.gelu(x, approximate), whose input gradient is a ``GeluGrad``."""
 
+    generate_vmap_rule = True  # usable under torch.func (vmap, jvp) too
+
     @staticmethod
-    def forward(ctx, x: Tensor, approximate: str) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.approximate = approximate
+    def forward(x: Tensor, approximate: str) -> Tensor:
         return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.approximate = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def jvp(ctx, x_dot: Tensor, _approximate):
+        x, = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(x_dot, x, approximate=ctx.approximate)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -98,11 +109,28 @@ class TapedGelu(torch.autograd.Function):
 class GeluGrad(torch.autograd.Function):
     """g * gelu'(x) (PyTorch's ``gelu_backward``), with ``second_derivative`` as its x-derivative."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, g: Tensor, x: Tensor, approximate: str) -> Tensor:
-        ctx.save_for_backward(g, x)
-        ctx.approximate = approximate
+    def forward(g: Tensor, x: Tensor, approximate: str) -> Tensor:
         return torch.ops.aten.gelu_backward(g, x, approximate=approximate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, x, ctx.approximate = inputs
+        ctx.save_for_backward(g, x)
+        ctx.save_for_forward(g, x)
+
+    @staticmethod
+    def jvp(ctx, g_dot, x_dot, _approximate):
+        g, x = ctx.saved_tensors
+        a = ctx.approximate
+        out = 0
+        if g_dot is not None:
+            out = torch.ops.aten.gelu_backward(g_dot, x, approximate=a)
+        if x_dot is not None:
+            out = out + _second_differentiable(x, a) * g * x_dot
+        return out
 
     @staticmethod
     def backward(ctx, gg: Tensor):

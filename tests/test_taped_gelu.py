@@ -77,7 +77,7 @@ def test_tape_through_gelu_is_exact_and_takes_the_route(act, monkeypatch):
     calls = []
     forward = TapedGelu.forward
     monkeypatch.setattr(TapedGelu, "forward",
-                        staticmethod(lambda ctx, x, a: calls.append(a) or forward(ctx, x, a)))
+                        staticmethod(lambda x, a: calls.append(a) or forward(x, a)))
     x = torch.randn(5, 6, dtype=torch.float64) * 2
     y = torch.randint(0, 3, (5,))
     with curvreg.GradNormTape(model) as tape:
@@ -119,3 +119,31 @@ def test_a_subclass_or_patched_forward_keeps_its_own_forward():
     assert not taped_gelu.computes_tanh_gelu(Scaled())
     assert not taped_gelu.computes_tanh_gelu(patched)
     assert math.isclose(taped_gelu._K, math.sqrt(2 / math.pi))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_forward_mode_matches_pytorch(approximate):
+    """Forward mode (jvp) of both functions, and of the input gradient's tangent, against F.gelu's."""
+    from torch.func import jvp
+    gen = torch.Generator().manual_seed(1)
+    x, xd, g, gd = (torch.randn(11, dtype=torch.float64, generator=gen) for _ in range(4))
+    ours = jvp(lambda x: TapedGelu.apply(x, approximate), (x,), (xd,))
+    ref = jvp(lambda x: F.gelu(x, approximate=approximate), (x,), (xd,))
+    assert all(torch.allclose(a, b, rtol=1e-13, atol=0) for a, b in zip(ours, ref))
+    h = lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate=approximate)  # noqa: E731
+    ours = jvp(lambda g, x: GeluGrad.apply(g, x, approximate), (g, x), (gd, xd))
+    ref = jvp(h, (g, x), (gd, xd))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(ours, ref))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_vmap_of_second_derivatives_matches_pytorch(approximate):
+    """Under torch.func (vmap of grad of grad), as a generic probe tangent may run it."""
+    from torch.func import grad, vmap
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def second(f):
+        return vmap(grad(lambda x: grad(lambda x: f(x).sum())(x).pow(2).sum()))(x)
+    ours = second(lambda x: TapedGelu.apply(x, approximate))
+    ref = second(lambda x: F.gelu(x, approximate=approximate))
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-14)
