@@ -29,10 +29,12 @@ variate had *more* noise than probing, while "probe" had 3-5 times less than pro
 parameter (the classifier's exact norms carry most of the value); hence the default.
 
 How:
-  * the statistics enter the normalization through a ``_Gate``: identity forward (and forward
-    mode), and in the backward identity normally but zero during the tape's delta pass, so the
-    one forward carries both graphs: the true one (the training loss's gradient, g_i . v) and
-    the frozen one (the deltas dF_i/dy, hence u_i);
+  * the normalization is one autograd function (``_Normalize``: PyTorch's batch_norm kernel,
+    which also moves the running statistics) whose backward is the true one normally and
+    that of the statistics held constant during the tape's delta pass (in reduced precision
+    the same through elementary ops and ``_Gate``s), so the one forward carries both graphs:
+    the true one (the training loss's gradient, g_i . v) and the frozen one (the deltas
+    dF_i/dy, hence u_i);
   * g_i . v for all i at once is J v, J the Jacobian of the loss vector. Where the forward's
     functions allow forward mode (``probe.FORWARD_AD_FUNCS``), J v = <d l_i / d o_i, o_dot_i>
     with o_dot the output's tangent: from the taped forward itself, run in forward mode from the
@@ -112,6 +114,54 @@ class _NormalizedTangent(torch.autograd.Function):
         return grad_t, grad_xhat, grad_rstd, None
 
 
+class _Normalize(torch.autograd.Function):
+    """(xhat, rstd) of a batch-statistics normalization from PyTorch's fused kernel, which also
+    moves the running statistics (when given) exactly as the plain call does.
+
+    The backward is the true one (the statistics' coupling included, with the gradient reaching
+    ``rstd`` from the shared forward's tangent), except inside the tape's delta pass
+    (``switch.frozen``), where the statistics are held constant: grad * rstd, with ``rstd`` this
+    function's own saved output, so the training backward differentiates through it. Out of place
+    and from differentiable ops when a graph is built, so every order stays differentiable; the
+    elementary-op form it replaces (``_normalize_ops``) took about four passes over [N, C, ...]
+    in the forward and eight in the backward, and a second batch_norm call for the update."""
+
+    @staticmethod
+    def forward(ctx, x, switch, running_mean, running_var, momentum, eps):
+        xhat, _, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True,
+                                                  momentum, eps)
+        rstd = invstd.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+        ctx.save_for_backward(xhat, rstd)
+        ctx.switch, ctx.dims = switch, [0] + list(range(2, x.dim()))
+        ctx.count = x.numel() // x.shape[1]
+        ctx.set_materialize_grads(False)
+        return xhat, rstd
+
+    @staticmethod
+    def backward(ctx, grad, grad_rstd):
+        xhat, rstd = ctx.saved_tensors
+        if ctx.switch.frozen:  # the statistics held constant
+            return (None if grad is None else grad * rstd), None, None, None, None, None
+        if grad is None and grad_rstd is None:
+            return None, None, None, None, None, None
+        dims = ctx.dims
+        coef = None  # of xhat in the result, over rstd
+        if grad is not None:
+            coef = (grad * xhat).mean(dims, keepdim=True)
+        if grad_rstd is not None:  # d rstd / dx = -rstd^2 xhat / count
+            extra = grad_rstd * rstd / ctx.count
+            coef = extra if coef is None else coef + extra
+        if torch.is_grad_enabled():
+            inner = -xhat * coef if grad is None else grad - grad.mean(dims, keepdim=True) - xhat * coef
+            return inner * rstd, None, None, None, None, None
+        if grad is None:
+            out = xhat * (coef * rstd).neg_()
+        else:
+            out = grad - grad.mean(dims, keepdim=True)
+            out.addcmul_(xhat, coef, value=-1).mul_(rstd)
+        return out, None, None, None, None, None
+
+
 def _arg(args, kwargs, i, name, default=None):
     return args[i] if len(args) > i else kwargs.get(name, default)
 
@@ -170,12 +220,24 @@ def normalize(args, kwargs, switch: Switch):
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"BatchNorm with batch statistics needs more than one value per channel, "
                          f"got input of shape {tuple(x.shape)}")
-    _update(args, kwargs)
     x, t = fwAD.unpack_dual(x)  # a shared forward's input carries a tangent
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square().mean(dims, keepdim=True)  # = x.var(unbiased=False), 4x faster on CPU
-    rstd = (_Gate.apply(var, switch) + eps).rsqrt()
-    xhat = (x - _Gate.apply(mean, switch)) * rstd
+    if x.dtype in (torch.float32, torch.float64):
+        training = bool(_arg(args, kwargs, 5, "training", False))
+        rm, rv = (_arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")) \
+            if training else (None, None)
+        xhat, rstd = _Normalize.apply(x, switch, rm, rv, _arg(args, kwargs, 6, "momentum", 0.1), eps)
+    else:  # reduced precision: in the input's dtype, as before
+        _update(args, kwargs)
+        xhat, rstd = _normalize_ops(x, dims, eps, switch)
     if t is not None:
         xhat = fwAD.make_dual(xhat, _NormalizedTangent.apply(t, xhat, rstd, dims))
     return xhat, w, b
+
+
+def _normalize_ops(x: Tensor, dims, eps: float, switch: Switch):
+    """(xhat, rstd) from elementary ops, the statistics through gates (``_Normalize``'s
+    semantics, in any floating dtype)."""
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)  # = x.var(unbiased=False), 4x faster on CPU
+    rstd = (_Gate.apply(var, switch) + eps).rsqrt()
+    return (x - _Gate.apply(mean, switch)) * rstd, rstd

@@ -760,3 +760,55 @@ def test_the_normalized_tangent_and_its_backward_against_autograd():
     assert rel_err(_NormalizedTangent.apply(t, xhat, rstd, dims), expected) < 1e-12
     inputs = tuple(a.clone().requires_grad_() for a in (t, xhat, rstd))
     assert torch.autograd.gradcheck(lambda a, b, c: _NormalizedTangent.apply(a, b, c, dims), inputs)
+
+
+def _stats_held(z, mean, var, eps=1e-5):
+    return (z - mean) * (var + eps).rsqrt()
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 2, 2), (3, 2, 2, 2, 2)])
+def test_the_fused_normalization_against_elementary_ops(shape):
+    """``_Normalize`` (PyTorch's batch_norm kernel, a backward of its own): (xhat, rstd) and
+    their derivatives of every order as the elementary ops give them; inside the delta pass
+    (switch frozen) its gradient is that of the statistics-held-constant normalization, and the
+    running statistics move as a plain F.batch_norm moves them."""
+    from curvreg.batchnorm import Switch, _Normalize
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64).requires_grad_()
+    dims = [0] + list(range(2, x.dim()))
+    cx = torch.randn(shape, dtype=torch.float64)
+    cr = torch.randn([1, shape[1]] + [1] * (x.dim() - 2), dtype=torch.float64)
+    switch = Switch()
+
+    def fused(z):
+        xhat, rstd = _Normalize.apply(z, switch, None, None, 0.1, 1e-5)
+        return (xhat * cx).sum() + (rstd * cr).sum()
+
+    def ops(z):
+        mean = z.mean(dims, keepdim=True)
+        rstd = ((z - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
+        return ((z - mean) * rstd * cx).sum() + (rstd * cr).sum()
+
+    assert abs(fused(x) - ops(x)) < 1e-12
+    g1, = torch.autograd.grad(fused(x), x, create_graph=True)
+    g2, = torch.autograd.grad(ops(x), x, create_graph=True)
+    assert rel_err(g1, g2) < 1e-12
+    v = torch.randn_like(x)
+    h1, = torch.autograd.grad((g1 * v).sum(), x)
+    h2, = torch.autograd.grad((g2 * v).sum(), x)
+    assert rel_err(h1, h2) < 1e-10
+    assert torch.autograd.gradcheck(fused, (x,))
+    assert torch.autograd.gradgradcheck(fused, (x,))
+
+    switch.frozen = True  # the delta pass: the statistics are constants
+    var, mean = (t.detach() for t in torch.var_mean(x, dims, unbiased=False, keepdim=True))
+    xhat, _ = _Normalize.apply(x, switch, None, None, 0.1, 1e-5)
+    g_fused, = torch.autograd.grad((xhat * cx).sum(), x)
+    g_held, = torch.autograd.grad((_stats_held(x, mean, var) * cx).sum(), x)
+    assert rel_err(g_fused, g_held) < 1e-12
+
+    rm, rv = torch.randn(shape[1], dtype=torch.float64), torch.rand(shape[1], dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    _Normalize.apply(x.detach(), Switch(), rm, rv, 0.3, 1e-5)
+    F.batch_norm(x.detach(), rm2, rv2, None, None, True, 0.3, 1e-5)
+    assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
