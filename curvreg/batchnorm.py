@@ -49,6 +49,8 @@ plain forward updates them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -83,35 +85,6 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_dot, _switch):  # forward mode (curvreg.shared_forward): the true tangent
         return t_dot.clone()
-
-
-class _NormalizedTangent(torch.autograd.Function):
-    """The tangent of xhat = (x - mean) * rstd (statistics over ``dims``) along the input's
-    tangent t: rstd * (t - mean(t) - xhat * mean(t * xhat)), the statistics' coupling included,
-    with a hand-written backward. Forward mode through the elementary ops of ``normalize``
-    computes the same value in about twice as many passes over [N, C, ...], and its backward
-    in about twice as many again; ``curvreg.shared_forward`` takes this one (first order:
-    nothing differentiates the training backward through it again)."""
-
-    @staticmethod
-    def forward(ctx, t, xhat, rstd, dims):
-        c = (t * xhat).mean(dims, keepdim=True)
-        inner = t - t.mean(dims, keepdim=True) - xhat * c
-        ctx.save_for_backward(t, xhat, rstd, c, inner)
-        ctx.dims = dims
-        return inner * rstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        t, xhat, rstd, c, inner = ctx.saved_tensors
-        dims = ctx.dims
-        g = grad * rstd  # the gradient of ``inner``
-        d = (g * xhat).mean(dims, keepdim=True)
-        grad_t = g - g.mean(dims, keepdim=True) - xhat * d
-        grad_xhat = -(g * c + t * d)
-        grad_rstd = (grad * inner).sum(dims, keepdim=True)
-        return grad_t, grad_xhat, grad_rstd, None
 
 
 class _Normalize(torch.autograd.Function):
@@ -160,6 +133,49 @@ class _Normalize(torch.autograd.Function):
             out = grad - grad.mean(dims, keepdim=True)
             out.addcmul_(xhat, coef, value=-1).mul_(rstd)
         return out, None, None, None, None, None
+
+
+class _AffineTangent(torch.autograd.Function):
+    """The tangent of y = xhat * w + b in a shared forward: with s = w * rstd,
+
+        y_dot = s (t - mean(t) - xhat mean(t xhat)) + xhat v_w + v_b
+              = s t + xhat (v_w - s mean(t xhat)) + (v_b - s mean(t)),
+
+    t the input's tangent, v_w and v_b the probes of w and b (None where not probed; w None
+    means no weight). Two passes over [N, C, ...] forward and four in the hand-written
+    backward. First order: nothing differentiates the training backward through it again
+    (the re-run, ``probe._rerun_tangents``, keeps forward mode through elementary ops, so the
+    tests compare two independent computations)."""
+
+    @staticmethod
+    def forward(ctx, t, xhat, rstd, weight, v_w, v_b, dims):
+        s = rstd if weight is None else weight * rstd
+        c = (t * xhat).mean(dims, keepdim=True)
+        m = t.mean(dims, keepdim=True)
+        shift = -s * m if v_b is None else v_b - s * m
+        slope = -s * c if v_w is None else v_w - s * c
+        ctx.save_for_backward(t, xhat, rstd, weight, s, c, m, slope)
+        ctx.dims = dims
+        return torch.addcmul(shift, t, s).addcmul_(xhat, slope)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        t, xhat, rstd, weight, s, c, m, slope = ctx.saved_tensors
+        dims = ctx.dims
+        g_mean = grad.mean(dims, keepdim=True)
+        g_x = (grad * xhat).mean(dims, keepdim=True)
+        grad_t = grad - g_mean
+        grad_t.addcmul_(xhat, g_x, value=-1).mul_(s)
+        grad_xhat = grad * slope
+        grad_xhat.addcmul_(t, s * g_x, value=-1)
+        count = grad.numel() // grad.shape[1]
+        grad_s = ((grad * t).mean(dims, keepdim=True) - m * g_mean - c * g_x) * count
+        grad_rstd = grad_s if weight is None else grad_s * weight
+        grad_w = None if weight is None else grad_s * rstd
+        needs = ctx.needs_input_grad
+        return (grad_t, grad_xhat, grad_rstd, grad_w, g_x * count if needs[4] else None,
+                g_mean * count if needs[5] else None, None)
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -229,9 +245,41 @@ def normalize(args, kwargs, switch: Switch):
     else:  # reduced precision: in the input's dtype, as before
         _update(args, kwargs)
         xhat, rstd = _normalize_ops(x, dims, eps, switch)
-    if t is not None:
-        xhat = fwAD.make_dual(xhat, _NormalizedTangent.apply(t, xhat, rstd, dims))
-    return xhat, w, b
+    return Normalized(xhat, rstd, t, dims), w, b
+
+
+class Normalized(NamedTuple):
+    """A batch-statistics normalization: xhat, rstd ([1, C, 1, ...]), the input's tangent in a
+    shared forward (else None) and the statistics' dims."""
+    xhat: Tensor
+    rstd: Tensor
+    tangent: Optional[Tensor]
+    dims: list
+
+
+def shared_affine(n: Normalized, weight, bias, weight_dual, bias_dual) -> Tensor:
+    """The affine step y = xhat * w + b of a shared forward, as a dual: its primal from the
+    primals, its tangent (the statistics' coupling and the probes of w and b included) from
+    ``_AffineTangent`` in one pass where forward mode through the normalization and the
+    affine ops makes about nine."""
+    shape = [1, -1] + [1] * (n.xhat.dim() - 2)
+    y = affine(n.xhat, weight, bias)
+    v_w = fwAD.unpack_dual(weight_dual).tangent if weight_dual is not None else None
+    v_b = fwAD.unpack_dual(bias_dual).tangent if bias_dual is not None else None
+    tangent = _AffineTangent.apply(n.tangent, n.xhat, n.rstd,
+                                   None if weight is None else weight.view(shape),
+                                   None if v_w is None else v_w.view(shape),
+                                   None if v_b is None else v_b.view(shape), n.dims)
+    return fwAD.make_dual(y, tangent)
+
+
+def affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """xhat * w + b with w and b per channel (dim 1); either may be None."""
+    shape = (1, -1) + (1,) * (xhat.dim() - 2)
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.view(shape), xhat, weight.view(shape))
+    y = xhat if weight is None else xhat * weight.view(shape)
+    return y if bias is None else y + bias.view(shape)
 
 
 def _normalize_ops(x: Tensor, dims, eps: float, switch: Switch):

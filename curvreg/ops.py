@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import batchnorm
+
 class OpUse(NamedTuple):
     """One op call an exact rule covers."""
 
@@ -290,13 +292,7 @@ class NormalizedAffine(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, xhat):
-        return self.affine(xhat, self.weight, self.bias)
-
-    @staticmethod
-    def affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-        shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        y = xhat if weight is None else xhat * weight.view(shape)
-        return y if bias is None else y + bias.view(shape)
+        return batchnorm.affine(xhat, self.weight, self.bias)
 
 
 _MUL = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}

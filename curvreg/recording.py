@@ -459,12 +459,17 @@ class Recording:
         the normalization through gates, then its affine step recorded as an op call."""
         with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
             self._bn_inside.update(id(module) for module, _ in self._stack)
-            xhat, w, b = batchnorm.normalize(args, kwargs, self.switch)
+            norm, w, b = batchnorm.normalize(args, kwargs, self.switch)
+            xhat = norm.xhat
             self.bn_reach.append(frozenset(self._seen))
             shell = ops.NormalizedAffine(w, b)
             shared = self.shared if self.shared is not None and self.shared.active else None
-            out = shell(xhat) if shared is None else \
-                ops.NormalizedAffine.affine(xhat, shared.get(w), shared.get(b))
+            if shared is None:
+                out = shell(xhat)
+            elif norm.tangent is None:  # forward mode through the affine step's ops
+                out = batchnorm.affine(xhat, shared.get(w), shared.get(b))
+            else:
+                out = batchnorm.shared_affine(norm, w, b, shared.get(w), shared.get(b))
             names = {k: id(t) for k, t in (("weight", w), ("bias", b))
                      if isinstance(t, Tensor) and id(t) in self.params}
             if names:

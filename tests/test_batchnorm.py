@@ -739,29 +739,6 @@ def test_other_batch_norms_inside_a_shared_forward(make, monkeypatch):
         assert rel_err(grad, grad_db) < 1e-10
 
 
-def test_the_normalized_tangent_and_its_backward_against_autograd():
-    """The shared forward's BatchNorm tangent (a hand-written backward): its value is the
-    directional derivative of the normalization (jvp of the elementary ops), and gradcheck
-    passes for all three inputs."""
-    from curvreg.batchnorm import _NormalizedTangent
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    t = torch.randn_like(x)
-    dims = [0, 2, 3]
-
-    def norm(z):
-        mean = z.mean(dims, keepdim=True)
-        return (z - mean) * ((z - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
-
-    _, expected = torch.func.jvp(norm, (x,), (t,))
-    mean = x.mean(dims, keepdim=True)
-    rstd = ((x - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
-    xhat = (x - mean) * rstd
-    assert rel_err(_NormalizedTangent.apply(t, xhat, rstd, dims), expected) < 1e-12
-    inputs = tuple(a.clone().requires_grad_() for a in (t, xhat, rstd))
-    assert torch.autograd.gradcheck(lambda a, b, c: _NormalizedTangent.apply(a, b, c, dims), inputs)
-
-
 def _stats_held(z, mean, var, eps=1e-5):
     return (z - mean) * (var + eps).rsqrt()
 
@@ -812,3 +789,41 @@ def test_the_fused_normalization_against_elementary_ops(shape):
     _Normalize.apply(x.detach(), Switch(), rm, rv, 0.3, 1e-5)
     F.batch_norm(x.detach(), rm2, rv2, None, None, True, 0.3, 1e-5)
     assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
+@pytest.mark.parametrize("weight, probed", [(True, (True, True)), (True, (False, True)),
+                                            (True, (True, False)), (False, (False, False))])
+def test_the_affine_tangent_and_its_backward_against_autograd(weight, probed):
+    """The shared forward's tangent of a BatchNorm's output (normalization and affine step in
+    one hand-written function): the jvp of the elementary ops along the input's tangent and
+    the probes of w and b (each probed or not), and gradcheck for every input."""
+    from curvreg.batchnorm import _AffineTangent
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    dims, shape = [0, 2, 3], (1, 3, 1, 1)
+    t = torch.randn_like(x)
+    w, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    v_w, v_b = (torch.randn(shape, dtype=torch.float64) if p else None for p in probed)
+
+    def layer(z, w_, b_):
+        mean = z.mean(dims, keepdim=True)
+        out = (z - mean) * ((z - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
+        return (out * w_ if weight else out) + b_
+
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    _, expected = torch.func.jvp(layer, (x, w, b), (t, zeros if v_w is None else v_w,
+                                                    zeros if v_b is None else v_b))
+    mean = x.mean(dims, keepdim=True)
+    rstd = ((x - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
+    xhat = (x - mean) * rstd
+    got = _AffineTangent.apply(t, xhat, rstd, w if weight else None, v_w, v_b, dims)
+    assert rel_err(got, expected) < 1e-12
+    inputs = [a.clone().requires_grad_() for a in (t, xhat, rstd, w)]
+    probes = [None if v is None else v.clone().requires_grad_() for v in (v_w, v_b)]
+
+    def f(t_, xhat_, rstd_, w_, *vs):
+        it = iter(vs)
+        return _AffineTangent.apply(t_, xhat_, rstd_, w_ if weight else None,
+                                    *[None if v is None else next(it) for v in probes], dims)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs) + tuple(v for v in probes if v is not None))
