@@ -117,21 +117,21 @@ class _Normalize(torch.autograd.Function):
             return (None if grad is None else grad * rstd), None, None, None, None, None
         if grad is None and grad_rstd is None:
             return None, None, None, None, None, None
-        dims = ctx.dims
-        coef = None  # of xhat in the result, over rstd
-        if grad is not None:
-            coef = (grad * xhat).mean(dims, keepdim=True)
-        if grad_rstd is not None:  # d rstd / dx = -rstd^2 xhat / count
-            extra = grad_rstd * rstd / ctx.count
-            coef = extra if coef is None else coef + extra
-        if torch.is_grad_enabled():
+        # d rstd / dx = -rstd^2 xhat / count
+        extra = None if grad_rstd is None else grad_rstd * rstd / ctx.count
+        if torch.is_grad_enabled():  # differentiable ops
+            dims = ctx.dims
+            coef = extra if grad is None else (grad * xhat).mean(dims, keepdim=True)
+            if grad is not None and extra is not None:
+                coef = coef + extra
             inner = -xhat * coef if grad is None else grad - grad.mean(dims, keepdim=True) - xhat * coef
             return inner * rstd, None, None, None, None, None
         if grad is None:
-            out = xhat * (coef * rstd).neg_()
-        else:
-            out = grad - grad.mean(dims, keepdim=True)
-            out.addcmul_(xhat, coef, value=-1).mul_(rstd)
+            out = xhat * (extra * rstd).neg_()
+        else:  # rstd (grad - mean(grad) - xhat mean(grad xhat)) fused, then grad_rstd's part
+            out = _centered(grad, xhat, rstd, (True, False, False))[0]
+            if extra is not None:
+                out.addcmul_(xhat, extra * rstd, value=-1)
         return out, None, None, None, None, None
 
 
@@ -142,40 +142,61 @@ class _AffineTangent(torch.autograd.Function):
               = s t + xhat (v_w - s mean(t xhat)) + (v_b - s mean(t)),
 
     t the input's tangent, v_w and v_b the probes of w and b (None where not probed; w None
-    means no weight). Two passes over [N, C, ...] forward and four in the hand-written
-    backward. First order: nothing differentiates the training backward through it again
+    means no weight). The centering and its reductions run in PyTorch's fused batch-norm
+    backward kernel (``_centered``): one kernel and up to two in-place passes over [N, C, ...]
+    forward, two kernels and one product in the hand-written backward, where elementary ops
+    would allocate a fresh full-size temporary at each step (page faults on every step on
+    CPU). First order: nothing differentiates the training backward through it again
     (the re-run, ``probe._rerun_tangents``, keeps forward mode through elementary ops, so the
     tests compare two independent computations)."""
 
     @staticmethod
-    def forward(ctx, t, xhat, rstd, weight, v_w, v_b, dims):
+    def forward(ctx, t, xhat, rstd, weight, v_w, v_b):
         s = rstd if weight is None else weight * rstd
-        c = (t * xhat).mean(dims, keepdim=True)
-        m = t.mean(dims, keepdim=True)
-        shift = -s * m if v_b is None else v_b - s * m
+        count = t.numel() // t.shape[1]
+        out, sum_tx, sum_t = _centered(t, xhat, s, (True, True, True))
+        c, m = _channel(sum_tx, xhat) / count, _channel(sum_t, xhat) / count
         slope = -s * c if v_w is None else v_w - s * c
+        if v_w is not None:
+            out.addcmul_(xhat, v_w)
+        if v_b is not None:
+            out.add_(v_b)
         ctx.save_for_backward(t, xhat, rstd, weight, s, c, m, slope)
-        ctx.dims = dims
-        return torch.addcmul(shift, t, s).addcmul_(xhat, slope)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         t, xhat, rstd, weight, s, c, m, slope = ctx.saved_tensors
-        dims = ctx.dims
-        g_mean = grad.mean(dims, keepdim=True)
-        g_x = (grad * xhat).mean(dims, keepdim=True)
-        grad_t = grad - g_mean
-        grad_t.addcmul_(xhat, g_x, value=-1).mul_(s)
-        grad_xhat = grad * slope
-        grad_xhat.addcmul_(t, s * g_x, value=-1)
+        grad_t, sum_gx, sum_g = _centered(grad, xhat, s, (True, True, True))
+        sum_gx, sum_g = _channel(sum_gx, xhat), _channel(sum_g, xhat)
         count = grad.numel() // grad.shape[1]
-        grad_s = ((grad * t).mean(dims, keepdim=True) - m * g_mean - c * g_x) * count
+        grad_xhat = grad * slope
+        grad_xhat.addcmul_(t, s * sum_gx, value=-1 / count)
+        sum_gt = _channel(_centered(grad, t, None, (False, True, False))[1], xhat)
+        grad_s = sum_gt - m * sum_g - c * sum_gx
         grad_rstd = grad_s if weight is None else grad_s * weight
         grad_w = None if weight is None else grad_s * rstd
         needs = ctx.needs_input_grad
-        return (grad_t, grad_xhat, grad_rstd, grad_w, g_x * count if needs[4] else None,
-                g_mean * count if needs[5] else None, None)
+        return (grad_t, grad_xhat, grad_rstd, grad_w, sum_gx if needs[4] else None,
+                sum_g if needs[5] else None)
+
+
+def _centered(grad: Tensor, x: Tensor, weight: Optional[Tensor], mask):
+    """PyTorch's fused batch-norm backward with ``x`` taken as already normalized (mean 0,
+    rstd 1): weight * (grad - mean(grad) - x mean(grad x)), sum(grad x) and sum(grad) per
+    channel (``mask`` picks which), in one pass over [N, C, ...] and without the full-size
+    temporaries of the same computed by elementary ops. ``weight`` is per channel, any shape."""
+    channels = x.shape[1]
+    zero, one = x.new_zeros(channels), x.new_ones(channels)
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, None if weight is None else weight.reshape(channels), None, None, zero, one,
+        True, 0.0, list(mask))
+
+
+def _channel(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector [C] as [1, C, 1, ...] for broadcasting against ``like``."""
+    return v.view([1, -1] + [1] * (like.dim() - 2))
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -245,16 +266,15 @@ def normalize(args, kwargs, switch: Switch):
     else:  # reduced precision: in the input's dtype, as before
         _update(args, kwargs)
         xhat, rstd = _normalize_ops(x, dims, eps, switch)
-    return Normalized(xhat, rstd, t, dims), w, b
+    return Normalized(xhat, rstd, t), w, b
 
 
 class Normalized(NamedTuple):
     """A batch-statistics normalization: xhat, rstd ([1, C, 1, ...]), the input's tangent in a
-    shared forward (else None) and the statistics' dims."""
+    shared forward (else None)."""
     xhat: Tensor
     rstd: Tensor
     tangent: Optional[Tensor]
-    dims: list
 
 
 def shared_affine(n: Normalized, weight, bias, weight_dual, bias_dual) -> Tensor:
@@ -269,7 +289,7 @@ def shared_affine(n: Normalized, weight, bias, weight_dual, bias_dual) -> Tensor
     tangent = _AffineTangent.apply(n.tangent, n.xhat, n.rstd,
                                    None if weight is None else weight.view(shape),
                                    None if v_w is None else v_w.view(shape),
-                                   None if v_b is None else v_b.view(shape), n.dims)
+                                   None if v_b is None else v_b.view(shape))
     return fwAD.make_dual(y, tangent)
 
 

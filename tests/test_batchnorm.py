@@ -776,6 +776,16 @@ def test_the_fused_normalization_against_elementary_ops(shape):
     assert rel_err(h1, h2) < 1e-10
     assert torch.autograd.gradcheck(fused, (x,))
     assert torch.autograd.gradgradcheck(fused, (x,))
+    # without a graph (the no-graph branch), given both of the outputs' gradients or one
+    xhat, rstd = _Normalize.apply(x, switch, None, None, 0.1, 1e-5)
+    mean = x.mean(dims, keepdim=True)
+    rstd_ops = ((x - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
+    for pick in ((0, 1), (0,), (1,)):
+        g_fused, = torch.autograd.grad([(xhat, rstd)[k] for k in pick], x,
+                                       [(cx, cr)[k] for k in pick], retain_graph=True)
+        g_ops, = torch.autograd.grad(sum((((x - mean) * rstd_ops * cx).sum(), (rstd_ops * cr).sum())[k]
+                                         for k in pick), x, retain_graph=True)
+        assert rel_err(g_fused, g_ops) < 1e-12
 
     switch.frozen = True  # the delta pass: the statistics are constants
     var, mean = (t.detach() for t in torch.var_mean(x, dims, unbiased=False, keepdim=True))
@@ -791,16 +801,17 @@ def test_the_fused_normalization_against_elementary_ops(shape):
     assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
 
 
+@pytest.mark.parametrize("size", [(4, 3, 2, 2), (6, 3), (3, 3, 5)])
 @pytest.mark.parametrize("weight, probed", [(True, (True, True)), (True, (False, True)),
                                             (True, (True, False)), (False, (False, False))])
-def test_the_affine_tangent_and_its_backward_against_autograd(weight, probed):
+def test_the_affine_tangent_and_its_backward_against_autograd(weight, probed, size):
     """The shared forward's tangent of a BatchNorm's output (normalization and affine step in
     one hand-written function): the jvp of the elementary ops along the input's tangent and
     the probes of w and b (each probed or not), and gradcheck for every input."""
     from curvreg.batchnorm import _AffineTangent
     torch.manual_seed(0)
-    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    dims, shape = [0, 2, 3], (1, 3, 1, 1)
+    x = torch.randn(size, dtype=torch.float64)
+    dims, shape = [0] + list(range(2, x.dim())), (1, 3) + (1,) * (x.dim() - 2)
     t = torch.randn_like(x)
     w, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
     v_w, v_b = (torch.randn(shape, dtype=torch.float64) if p else None for p in probed)
@@ -816,7 +827,7 @@ def test_the_affine_tangent_and_its_backward_against_autograd(weight, probed):
     mean = x.mean(dims, keepdim=True)
     rstd = ((x - mean).square().mean(dims, keepdim=True) + 1e-5).rsqrt()
     xhat = (x - mean) * rstd
-    got = _AffineTangent.apply(t, xhat, rstd, w if weight else None, v_w, v_b, dims)
+    got = _AffineTangent.apply(t, xhat, rstd, w if weight else None, v_w, v_b)
     assert rel_err(got, expected) < 1e-12
     inputs = [a.clone().requires_grad_() for a in (t, xhat, rstd, w)]
     probes = [None if v is None else v.clone().requires_grad_() for v in (v_w, v_b)]
@@ -824,6 +835,6 @@ def test_the_affine_tangent_and_its_backward_against_autograd(weight, probed):
     def f(t_, xhat_, rstd_, w_, *vs):
         it = iter(vs)
         return _AffineTangent.apply(t_, xhat_, rstd_, w_ if weight else None,
-                                    *[None if v is None else next(it) for v in probes], dims)
+                                    *[None if v is None else next(it) for v in probes])
 
     assert torch.autograd.gradcheck(f, tuple(inputs) + tuple(v for v in probes if v is not None))
