@@ -133,11 +133,11 @@ class _UsageMode(TorchFunctionMode):
                         out = batchnorm.explicit(call_args, call_kwargs, update=True)
                 else:
                     out = func(*call_args, **call_kwargs)
-        elif (func is F.linear and fused.can_fuse(args, kwargs, rec.params, rec.fuse_linear)):
+        elif (func in _FUSABLE
+              and (dense := fused.fusable(func, args, kwargs, rec.params, rec.fuse_linear))):
             holder = fused.Holder()
             rec.holders.append(holder)
-            out = fused.TapedLinear.apply(args[0], args[1], args[2] if len(args) == 3 else None,
-                                          holder)
+            out = fused.TapedLinear.apply(*dense[:3], holder, dense[3])
         elif conv is not None and (id(conv.weight) in rec.params or rec._standardized(conv)):
             out = taped_conv.TapedConv.apply(conv.x, conv.weight, conv.bias, conv.nd, conv.stride,
                                              conv.padding, conv.dilation, conv.groups, rec.switch)
@@ -210,6 +210,9 @@ def _op_args(args, kwargs, parameters: bool):
             yield from (b for b in a if pick(b))
 
 
+# dense ops that may take the fused weight-gradient path (curvreg.fused)
+_FUSABLE = frozenset({F.linear, torch.addmm})
+
 # ops at which an unbatched rule-op output is expanded to the batch (Recording._broadcast)
 _BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                            Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
@@ -253,7 +256,7 @@ class Recording:
         self.calls: List[Call] = []
         self.outside: List[tuple] = []  # (param name, op output) for uses outside any module
         self._stack: List[list] = []
-        self.holders: List[fused.Holder] = []  # one per fused F.linear call
+        self.holders: List[fused.Holder] = []  # one per fused dense call
         self.n: Optional[int] = None
         # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
         # until a broadcasting op meets them with the batch (see _broadcast)

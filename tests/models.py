@@ -232,6 +232,7 @@ CASES = {
     "attention": (Attn, seq(3, 3)),
     "fallback_attention": (CrossAttn, seq(3, 3)),
     "transposed_weights": (TransposedWeights, seq(3, 3)),
+    "transposed_weights_inner": (lambda: _seq(nn.Linear(3, 3), TransposedWeights()), seq(3, 3)),
     "parameter_views": (lambda: _seq(ViewScale(), nn.Tanh(), Pool(), nn.Linear(4, 3)), img()),
 }
 

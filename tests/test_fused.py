@@ -7,7 +7,11 @@ import curvreg
 from models import build, ce, node_names
 
 CASES = ["mlp", "mlp_gelu_nobias", "recurrent", "shared_pair", "frozen", "fallback_custom",
-         "layernorm_groupnorm", "conv2d_stride_pad"]
+         "layernorm_groupnorm", "conv2d_stride_pad",
+         # sequences (rows = examples x positions), a weight tied to an embedding, attention's
+         # projections, and a weight stored [in, out] under torch.addmm (GPT-2's Conv1D)
+         "linear_seq_gram", "linear_seq_materialize", "linear_rank4", "layernorm_seq",
+         "tied_embedding", "attention", "transposed_weights_inner"]
 
 
 def objective(model, x, y, fuse, alpha=0.37):
@@ -80,11 +84,14 @@ def test_partial_and_repeated_backward_do_not_reuse_stashes():
     assert torch.allclose(grads[0][1], 2 * flat([p.grad for p in model.parameters()]), rtol=1e-11)
 
 
-def test_not_fused_for_sequences_or_detached_values():
-    model, x, y = build("linear_seq_gram", n=3)
-    with curvreg.GradNormTape(model, fuse_linear=True) as tape:
-        model(x)
-    assert len(tape.recording.holders) == 1  # only the final Linear sees a 2-D input
+def test_which_calls_are_fused():
+    # F.linear on any number of leading dims and torch.addmm(b, x, W) with a trainable W;
+    # not x @ W, and nothing when the norms are taken without a graph
+    for case, expect in (("linear_seq_gram", 2), ("linear_rank4", 2), ("transposed_weights_inner", 2)):
+        model, x, y = build(case, n=3)
+        with curvreg.GradNormTape(model, fuse_linear=True) as tape:
+            model(x)
+        assert len(tape.recording.holders) == expect, case
     model, x, y = build("mlp", n=3)
     with curvreg.GradNormTape(model, fuse_linear=True) as tape:
         out = model(x)
@@ -101,3 +108,10 @@ def test_auto_policy_fuses_only_wide_layers():
         with curvreg.GradNormTape(model) as tape:
             model(torch.randn(n, 5, dtype=torch.float64))
         assert len(tape.recording.holders) == expect
+    # a sequence counts its rows: 4 examples of 8 positions are 32 rows
+    with curvreg.GradNormTape(model) as tape:
+        model(torch.randn(4, 8, 5, dtype=torch.float64))
+    assert not tape.recording.holders
+    with curvreg.GradNormTape(model) as tape:
+        model(torch.randn(4, 1, 5, dtype=torch.float64))
+    assert len(tape.recording.holders) == 1

@@ -107,3 +107,25 @@ def test_zoo_exact_or_refused(name):
         fd = 0.3 * finite_difference(model, x, y, params, v, step)
     ad = sum((g * d).sum() for g, d in zip(ours, v) if g is not None).item()
     assert abs(ad - fd) <= fd_tol * abs(fd), (ad, fd)
+
+
+# Every dense layer through the fused weight-gradient path (curvreg.fused: F.linear on [N, T, d],
+# GPT-2's torch.addmm with a weight stored [in, out]) against the tape without it, which the test
+# above checks against the references.
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_bert", "timm_vit", "nn_transformer_encoder"])
+def test_zoo_fused_dense_layers_as_unfused(name):
+    model, x, y = build(name, 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = []
+    for fuse in (True, False):
+        with curvreg.GradNormTape(model, fuse_linear=fuse) as tape:
+            out = model(x)
+        losses = ce(out, y)
+        sq = tape.per_example_sq_grad_norms(losses)
+        assert bool(tape.recording.holders) == fuse
+        grads = torch.autograd.grad(losses.mean() + 0.3 * sq.mean(), params, allow_unused=True)
+        got.append((sq.detach(), torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                            for g, p in zip(grads, params)])))
+    (sq_fused, g_fused), (sq_plain, g_plain) = got
+    assert rel_err(sq_fused, sq_plain) < 1e-12
+    assert rel_err(g_fused, g_plain) < 1e-11
