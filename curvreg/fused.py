@@ -34,7 +34,7 @@ class Holder:
 
     def __init__(self):
         self.delta_pass = False
-        self.stash: List[tuple] = []  # (graph task id, delta [N, d_out], u [N, d_in])
+        self.stash: List[tuple] = []  # (graph task id, delta [rows, d_out], u [rows, d_in])
 
 
 def _task() -> int:
