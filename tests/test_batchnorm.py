@@ -566,12 +566,13 @@ def _grouped_cnn():
                          nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
 
 
+@pytest.mark.parametrize("distribution", ["kronecker", "rademacher"])
 @pytest.mark.parametrize("name", ["cnn_two_bn", "seq_bn1d", "grouped"])
-def test_kronecker_probes_in_a_shared_forward_equal_the_rerun(name, monkeypatch):
-    """With distribution="kronecker" the shared forward writes each probed convolution's
-    tangent out as conv(x_dot, W) + a (x) conv(x, B) (one output channel per group); the
-    re-run convolves with the dense a (x) B in forward mode. Same probes, same estimate and
-    penalty gradient."""
+def test_probed_convolutions_in_a_shared_forward_equal_the_rerun(name, distribution, monkeypatch):
+    """The shared forward writes each probed convolution's tangent out as conv(x_dot, W) +
+    conv(x, V), with conv(x, V) = a (x) conv(x, B) (one output channel per group) for a
+    Kronecker probe; the re-run convolves in PyTorch's forward mode (with the dense a (x) B).
+    Same probes, same estimate and penalty gradient."""
     if name == "grouped":
         torch.manual_seed(0)
         model, x, y = _grouped_cnn().to(DT), torch.randn(6, 3, 9, 9, dtype=DT), torch.randint(0, 3, (6,))
@@ -589,7 +590,7 @@ def test_kronecker_probes_in_a_shared_forward_equal_the_rerun(name, monkeypatch)
         gen = torch.Generator().manual_seed(5)
         counts.update(rerun=0, double_backward=0)
         with curvreg.GradNormTape(model, batch_norm="unbiased", generator=gen,
-                                  distribution="kronecker") as tape:
+                                  distribution=distribution) as tape:
             out = model(x)
         sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
         return sq, flat(torch.autograd.grad(sq.mean(), params)), dict(counts)
