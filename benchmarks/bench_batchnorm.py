@@ -23,7 +23,7 @@ from torch import nn
 
 import curvreg
 import curvreg.tape
-from bench_step import ALPHA, medians, plain_step, sam_step, setup, tape_step
+from bench_step import ALPHA, machine, medians, plain_step, sam_step, setup, tape_step
 from curvreg.lab.models import build_model
 
 SETTINGS = {"resnet20": 128, "resnet18": 32}
@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--draws", type=int, default=200, help="0 skips the noise table")
     ap.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, alpha={ALPHA}")
+    print(f"torch {torch.__version__}, {machine()}, alpha={ALPHA}")
     print("\nStep time / plain step (float32, training-mode BatchNorm):")
     print("| model | batch | plain step (ms) | frozen (exact) | unbiased, probe | "
           "unbiased, probe, re-run | unbiased, probe, Kronecker | unbiased, control variate | SAM |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 
@@ -22,6 +23,20 @@ from curvreg.lab.sam import perturbed_gradient
 
 ALPHA = 0.1
 SETTINGS = {"fc512": 256, "fc4096": 256, "allcnn": 32}
+
+
+def machine(device: str = "cpu") -> str:
+    """What the timings ran on, for a table's header: the GPU's name, or the CPU's thread count
+    and memory allocator (a preloaded tcmalloc or jemalloc, or glibc's malloc and any MALLOC_*
+    settings), which moves the step ratios on a CPU (README, "Cost model")."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    preload = os.environ.get("LD_PRELOAD", "")
+    alloc = next((name for name in ("tcmalloc", "jemalloc") if name in preload), None)
+    if alloc is None:
+        tuned = sorted(k for k in os.environ if k.startswith("MALLOC_"))
+        alloc = "glibc malloc" + (f" ({', '.join(tuned)})" if tuned else "")
+    return f"cpu, threads {torch.get_num_threads()}, {alloc}"
 
 
 def plain_step(model, opt, x, y):
@@ -136,9 +151,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timings, peak memory)")
     ap.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
     args = ap.parse_args()
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"cpu, threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, {'bf16 autocast' if args.bf16 else 'float32'}, "
+    print(f"torch {torch.__version__}, {machine(args.device)}, "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}, "
           f"alpha={ALPHA}")
     print("| model | batch | plain step (ms) | curvreg | torch.func vmap(grad) | SAM | peak memory "
           "curvreg / plain |")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import curvreg
 from curvreg.objective import cross_entropy
-from bench_step import ALPHA, medians
+from bench_step import ALPHA, machine, medians
 
 TARGETS = {"resnet18": 4.0, "convnext_tiny": 4.0, "vit_tiny": 2.5, "gpt2_small": 2.5,
            "gpt2_small_tanh": 2.5, "resnetv2_bit": 4.0}
@@ -117,9 +117,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA-event timings)")
     ap.add_argument("--scale", type=int, default=1, help="batch size multiplier (e.g. 8 on a GPU)")
     args = ap.parse_args()
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-        f"cpu, threads {torch.get_num_threads()}"
-    print(f"torch {torch.__version__}, {where}, float32, alpha={ALPHA}")
+    print(f"torch {torch.__version__}, {machine(args.device)}, float32, alpha={ALPHA}")
     print("| model | input | plain step (ms) | exact step | target | layers by method | on the loop |")
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
