@@ -65,20 +65,17 @@ class TapedLinear(torch.autograd.Function):
                       else _input_grad(gy, w, transposed))
             return gx, None, None, None, None
         gx = _input_grad(gy, w, transposed) if need_x else None
-        gy2, x2 = _rows(gy), _rows(x)
+        gy2 = _rows(gy) if need_w or need_b else None
         gb = gy2.sum(0) if need_b else None
         gw = None
         if need_w:
             task = _task()
             mine = [s for s in holder.stash if s[0] == task]
-            gw = x2.t().mm(gy2) if transposed else gy2.t().mm(x2)
+            gw = _weight_grad(gy2, _rows(x), transposed)
             if mine and not torch.is_grad_enabled():
                 holder.stash = [s for s in holder.stash if s[0] != task]
                 for _, d, u in mine:  # accumulate in place: no second weight-sized buffer
-                    if transposed:
-                        gw.addmm_(u.t(), d)
-                    else:
-                        gw.addmm_(d.t(), u)
+                    _weight_grad(d, u, transposed, into=gw)
         return gx, gw, gb, None, None
 
 
@@ -102,7 +99,7 @@ class LinearInputGrad(torch.autograd.Function):
         if need_w:
             d2, u2 = _rows(delta), _rows(u)
             if torch.is_grad_enabled():  # create_graph: keep the plain differentiable product
-                g_w = u2.t().mm(d2) if transposed else d2.t().mm(u2)
+                g_w = _weight_grad(d2, u2, transposed)
             else:
                 ctx.holder.stash.append((_task(), d2, u2))
         return g_delta, g_w, None, None
@@ -111,6 +108,13 @@ class LinearInputGrad(torch.autograd.Function):
 def _input_grad(delta: Tensor, w: Tensor, transposed: bool) -> Tensor:
     """delta [..., d_out] times W [d_out, d_in], or times W^T for W stored [d_in, d_out]."""
     return delta.matmul(w.t() if transposed else w)
+
+
+def _weight_grad(d: Tensor, u: Tensor, transposed: bool, into: Optional[Tensor] = None) -> Tensor:
+    """The weight gradient sum_rows d^T u ([d_out, d_in]) of rows d [R, d_out], u [R, d_in], or
+    its transpose for a weight stored [d_in, d_out]; accumulated into ``into`` in place if given."""
+    a, b = (u, d) if transposed else (d, u)
+    return a.t().mm(b) if into is None else into.addmm_(a.t(), b)
 
 
 def _rows(t: Tensor) -> Tensor:
