@@ -103,7 +103,7 @@ class _Normalize(torch.autograd.Function):
     def forward(ctx, x, switch, running_mean, running_var, momentum, eps):
         xhat, _, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True,
                                                   momentum, eps)
-        rstd = invstd.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+        rstd = _channel(invstd.to(x.dtype), x)
         ctx.save_for_backward(xhat, rstd)
         ctx.switch, ctx.dims = switch, [0] + list(range(2, x.dim()))
         ctx.count = x.numel() // x.shape[1]
@@ -282,24 +282,20 @@ def shared_affine(n: Normalized, weight, bias, weight_dual, bias_dual) -> Tensor
     primals, its tangent (the statistics' coupling and the probes of w and b included) from
     ``_AffineTangent`` in one pass where forward mode through the normalization and the
     affine ops makes about nine."""
-    shape = [1, -1] + [1] * (n.xhat.dim() - 2)
     y = affine(n.xhat, weight, bias)
     v_w = fwAD.unpack_dual(weight_dual).tangent if weight_dual is not None else None
     v_b = fwAD.unpack_dual(bias_dual).tangent if bias_dual is not None else None
-    tangent = _AffineTangent.apply(n.tangent, n.xhat, n.rstd,
-                                   None if weight is None else weight.view(shape),
-                                   None if v_w is None else v_w.view(shape),
-                                   None if v_b is None else v_b.view(shape))
+    per_channel = [None if v is None else _channel(v, n.xhat) for v in (weight, v_w, v_b)]
+    tangent = _AffineTangent.apply(n.tangent, n.xhat, n.rstd, *per_channel)
     return fwAD.make_dual(y, tangent)
 
 
 def affine(xhat: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """xhat * w + b with w and b per channel (dim 1); either may be None."""
-    shape = (1, -1) + (1,) * (xhat.dim() - 2)
     if weight is not None and bias is not None:
-        return torch.addcmul(bias.view(shape), xhat, weight.view(shape))
-    y = xhat if weight is None else xhat * weight.view(shape)
-    return y if bias is None else y + bias.view(shape)
+        return torch.addcmul(_channel(bias, xhat), xhat, _channel(weight, xhat))
+    y = xhat if weight is None else xhat * _channel(weight, xhat)
+    return y if bias is None else y + _channel(bias, xhat)
 
 
 def _normalize_ops(x: Tensor, dims, eps: float, switch: Switch):
