@@ -7,6 +7,9 @@ and GroupNorm at 64x64, timm ViT-Tiny (192 wide, 12 blocks, 3 heads) on 32x32 wi
 patches, and a GPT-2-small-shaped classifier (12 layers, 768 wide, 12 heads, T = 128), as configured by
 default (``gelu_new``, a GELU written in Python arithmetic) and with ``gelu_pytorch_tanh``.
 Targets: transformers <= 2.5x, ResNet / ConvNeXt <= 4x, no layer on the per-example loop.
+The "flops" column is the same ratio in matmul and convolution flops (``flop_ratio``): what the
+algorithm itself asks for, against which the measured ratio shows the cost of everything else
+(elementwise work, memory, dispatch).
 Usage:
     python benchmarks/bench_zoo.py [--rounds 3] [--models resnet18 vit_tiny gpt2_small gpt2_small_tanh ...]
 """
@@ -18,6 +21,8 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import curvreg
 from curvreg.objective import cross_entropy
@@ -92,6 +97,30 @@ def exact_step(model, opt, x, y):
     return obj.tape.methods
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
+                        transposed, _output_padding, _groups, output_mask, out_shape=None,
+                        **_kwargs) -> int:
+    """Flops of ``aten.convolution_backward``: each of the input and weight gradients costs what
+    the forward does. (torch.utils.flop_counter's own formula ignores groups, so that it counts a
+    depthwise convolution's weight gradient as a dense one's: ConvNeXt's 300x over.)"""
+    return (conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+            * (int(output_mask[0]) + int(output_mask[1])))
+
+
+def flop_ratio(model, opt, x, y) -> float:
+    """Matmul and convolution flops of one exact step / one plain step (torch.utils.flop_counter),
+    with attention through the math backend in both (the tape's route; PyTorch's fused CPU
+    attention kernel has no flop formula)."""
+    flops = []
+    for step in (plain_step, exact_step):
+        counter = FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten.convolution_backward: conv_backward_flops})
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            step(model, opt, x, y)
+        flops.append(counter.get_total_flops())
+    return flops[1] / flops[0]
+
+
 def bench(name, rounds, device="cpu", scale=1):
     torch.manual_seed(0)
     model, x, classes = MODELS[name]()
@@ -103,11 +132,12 @@ def bench(name, rounds, device="cpu", scale=1):
         warnings.simplefilter("ignore", curvreg.FallbackWarning)  # reported in the table instead
         methods = exact_step(model, opt, x, y)  # warm-up; records the methods
     plain_step(model, opt, x, y)
+    flops = flop_ratio(model, opt, x, y)
     med, _ = medians({"plain": plain_step, "exact": exact_step}, (model, opt, x, y), rounds,
                      warmup=False, device=device)
     kinds = Counter(methods.values())
     fallback = sorted(p for p, m in methods.items() if "fallback" in m)
-    return med, kinds, fallback, list(x.shape)
+    return med, flops, kinds, fallback, list(x.shape)
 
 
 def main():
@@ -118,13 +148,14 @@ def main():
     ap.add_argument("--scale", type=int, default=1, help="batch size multiplier (e.g. 8 on a GPU)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {machine(args.device)}, float32, alpha={ALPHA}")
-    print("| model | input | plain step (ms) | exact step | target | layers by method | on the loop |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | input | plain step (ms) | exact step | flops | target | layers by method "
+          "| on the loop |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        med, kinds, fallback, shape = bench(name, args.rounds, args.device, args.scale)
+        med, flops, kinds, fallback, shape = bench(name, args.rounds, args.device, args.scale)
         ratio = med["exact"] / med["plain"]
         by = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-        print(f"| {name} | {shape} | {med['plain'] * 1e3:.0f} | {ratio:.2f}x | "
+        print(f"| {name} | {shape} | {med['plain'] * 1e3:.0f} | {ratio:.2f}x | {flops:.2f}x | "
               f"<= {TARGETS[name]}x | {by} | {', '.join(fallback) or 'none'} |", flush=True)
 
 
