@@ -107,14 +107,24 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
             * (int(output_mask[0]) + int(output_mask[1])))
 
 
+def addmm_inplace_flops(_self_shape, a_shape, b_shape, out_shape=None, **_kwargs) -> int:
+    """Flops of ``Tensor.addmm_`` (the fused dense path accumulates its second weight-gradient
+    product in place), which torch.utils.flop_counter does not count; as for ``addmm``, the
+    product's."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops,
+                 torch.ops.aten.addmm_: addmm_inplace_flops}
+
+
 def flop_ratio(model, opt, x, y) -> float:
     """Matmul and convolution flops of one exact step / one plain step (torch.utils.flop_counter),
     with attention through the math backend in both (the tape's route; PyTorch's fused CPU
     attention kernel has no flop formula)."""
     flops = []
     for step in (plain_step, exact_step):
-        counter = FlopCounterMode(display=False, custom_mapping={
-            torch.ops.aten.convolution_backward: conv_backward_flops})
+        counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
         with counter, sdpa_kernel(SDPBackend.MATH):
             step(model, opt, x, y)
         flops.append(counter.get_total_flops())
