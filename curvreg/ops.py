@@ -193,7 +193,7 @@ def _layer_norm(args, kwargs, params):
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
     shell = _shell(nn.LayerNorm, {"weight": w, "bias": b}, normalized_shape=shape,
                    eps=_arg(args, kwargs, 4, "eps", 1e-5), elementwise_affine=True)
-    return OpUse("F.layer_norm", shell, (x,), names, x.dim() > len(shape) + 1)
+    return OpUse("F.layer_norm", shell, (x,), names, True)  # per row: rows may merge positions
 
 
 def _rms_norm(args, kwargs, params):
@@ -204,7 +204,7 @@ def _rms_norm(args, kwargs, params):
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
     shell = _shell(nn.RMSNorm, {"weight": w}, normalized_shape=shape,
                    eps=_arg(args, kwargs, 3, "eps"), elementwise_affine=True)
-    return OpUse("F.rms_norm", shell, (x,), ("weight",), x.dim() > len(shape) + 1)
+    return OpUse("F.rms_norm", shell, (x,), ("weight",), True)
 
 
 def _group_norm(args, kwargs, params):

@@ -281,27 +281,40 @@ def test_parameter_used_outside_modules_rejected():
 
 
 class _Merge(nn.Module):
-    def __init__(self, minor):
+    """[N, 2, 3] -> [N, 4] through rows [2N, ...] that merge examples with positions
+    (example-major, or example-minor with ``minor``), with a row norm on the merged rows."""
+
+    def __init__(self, minor, norm=None):
         super().__init__()
         self.minor, self.lin = minor, nn.Linear(3, 2)
+        self.norm = {None: nn.Identity, "layer": nn.LayerNorm, "rms": nn.RMSNorm}[norm](2)
 
-    def forward(self, x):  # [N, 2, 3] -> [N, 4]
+    def forward(self, x):
         h = (x.transpose(0, 1) if self.minor else x).flatten(0, 1)  # [2N, 3]
-        h = torch.tanh(self.lin(h)).reshape(*(2, -1, 2) if self.minor else (-1, 2, 2))
+        h = torch.tanh(self.norm(self.lin(h))).reshape(*(2, -1, 2) if self.minor else (-1, 2, 2))
         return (h.transpose(0, 1) if self.minor else h).flatten(1)
 
 
-def test_merged_batch_dim_example_major_is_exact_example_minor_refused():
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_merged_batch_dim_example_major_is_exact_example_minor_refused(norm):
     x, y = torch.randn(4, 2, 3, dtype=torch.double), torch.tensor([0, 1, 2, 3])
-    model = _Merge(minor=False).double()
+    model = _Merge(minor=False, norm=norm).double()
+    if norm is not None:
+        with torch.no_grad():
+            for p in model.norm.parameters():
+                p.normal_()
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
     sq = tape.per_example_sq_grad_norms(ce(out, y))
-    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, x, y), rtol=1e-12)
-    model = _Merge(minor=True).double()
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert torch.allclose(sq, ref, rtol=1e-12)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sq.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    model = _Merge(minor=True, norm=norm).double()
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(ValueError, match=r"not independent at op F.linear in module 'lin'"):
+    with pytest.raises(ValueError, match=r"not independent at op F\.(linear|layer_norm|rms_norm)"):
         tape.per_example_sq_grad_norms(ce(out, y))
     conv = nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2),
                          nn.Flatten(1)).double()
