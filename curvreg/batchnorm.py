@@ -56,6 +56,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
 
 MODES = ("frozen", "unbiased")
 ESTIMATORS = ("probe", "control_variate")  # how "unbiased" covers the statistics' reach
@@ -182,6 +183,41 @@ class _AffineTangent(torch.autograd.Function):
                 sum_g if needs[5] else None)
 
 
+# A defect of PyTorch's CPU batch-norm backward (torch 2.14): for a batch of ONE example, an
+# output gradient laid out channels-last (what ``x.flatten(2).transpose(1, 2)`` downstream hands
+# back, as in XCiT's convolutional patch embedding) gives wrong input, weight and bias gradients
+# when the input is contiguous, in eval and training mode; through F.instance_norm (which runs
+# the kernel on one [1, N*C, ...] batch) whatever the input's layout. Batches of two or more are
+# right, and so is every case with a contiguous gradient. It would hit every batch-of-one
+# computation: the per-example loop fallback, the brute-force loop reference, a tape on one
+# example. The guard below hands the kernel a contiguous gradient (tests/test_one_example_layout.py).
+_NORM_KERNELS = frozenset({F.batch_norm, F.instance_norm})
+
+
+def _contiguous(grad: Tensor) -> Tensor:
+    return grad.contiguous()
+
+
+def one_example_layout(func, args, kwargs, out):
+    """``out`` of an F.batch_norm / F.instance_norm call; for a batch of one, with a gradient
+    hook that makes the kernel's output gradient contiguous (see above). A relayout,
+    differentiable: no value or derivative changes."""
+    if func not in _NORM_KERNELS or not isinstance(out, Tensor) or not out.requires_grad:
+        return out
+    x = _arg(args, kwargs, 0, "input")
+    if isinstance(x, Tensor) and x.dim() > 2 and x.shape[0] == 1:
+        out.register_hook(_contiguous)
+    return out
+
+
+class OneExampleLayout(TorchFunctionMode):
+    """While active, every F.batch_norm / F.instance_norm call gets ``one_example_layout``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        return one_example_layout(func, args, kwargs, func(*args, **kwargs))
+
+
 def _centered(grad: Tensor, x: Tensor, weight: Optional[Tensor], mask):
     """PyTorch's fused batch-norm backward with ``x`` taken as already normalized (mean 0,
     rstd 1): weight * (grad - mean(grad) - x mean(grad x)), sum(grad x) and sum(grad) per
@@ -189,6 +225,8 @@ def _centered(grad: Tensor, x: Tensor, weight: Optional[Tensor], mask):
     temporaries of the same computed by elementary ops. ``weight`` is per channel, any shape."""
     channels = x.shape[1]
     zero, one = x.new_zeros(channels), x.new_ones(channels)
+    if x.shape[0] == 1:  # see one_example_layout
+        grad = grad.contiguous()
     return torch.ops.aten.native_batch_norm_backward(
         grad, x, None if weight is None else weight.reshape(channels), None, None, zero, one,
         True, 0.0, list(mask))

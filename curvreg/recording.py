@@ -145,6 +145,7 @@ class _UsageMode(TorchFunctionMode):
             out = taped_gelu.TapedGelu.apply(*gelu)
         else:
             out = func(*args, **kwargs)
+        out = batchnorm.one_example_layout(func, args, kwargs, out)
         rec._on_op(func, args, kwargs, out)
         return out
 

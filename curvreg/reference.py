@@ -13,17 +13,22 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .batchnorm import OneExampleLayout
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def loop_sq_grad_norms(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, *,
                        group_size: int = 1, create_graph: bool = False) -> Tensor:
-    """One forward/backward per group of ``group_size`` examples; ``loss_fn`` returns ``[n]``."""
+    """One forward/backward per group of ``group_size`` examples; ``loss_fn`` returns ``[n]``.
+    Batch norms run under ``batchnorm.OneExampleLayout`` (PyTorch's CPU batch-norm backward is
+    wrong for some gradient layouts on a batch of one), which changes no value."""
     params = [p for p in model.parameters() if p.requires_grad]
     out = []
     for start in range(0, inputs.shape[0], group_size):
         sl = slice(start, start + group_size)
-        loss = loss_fn(model(inputs[sl]), targets[sl]).mean()
+        with OneExampleLayout():
+            loss = loss_fn(model(inputs[sl]), targets[sl]).mean()
         gs = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         out.append(sum(g.pow(2).sum() for g in gs if g is not None))
     return torch.stack(out)

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..batchnorm import one_example_layout
 from ._base import sum_groups
 
 # (func, args, kwargs) -> ids of the parameters an op rule covers in that call
@@ -46,7 +47,7 @@ class _Substitute(TorchFunctionMode):
                               if isinstance(t, nn.Parameter) and id(t) in self.aliases
                               and id(t) not in skip else t)
             args, kwargs = tree_map(swap, (tuple(args), kwargs))
-        return func(*args, **kwargs)
+        return one_example_layout(func, args, kwargs, func(*args, **kwargs))  # one example
 
 
 @contextmanager
