@@ -122,6 +122,8 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
+        if func in _TILING and rec.unbatched and (rep := rec._tile(func, args, kwargs)) is not None:
+            return rep.contiguous() if func is Tensor.repeat else rep
         conv = taped_conv.conv_args(func, args, kwargs)
         if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
             with torch._C.DisableTorchFunction():
@@ -213,6 +215,9 @@ def _op_args(args, kwargs, parameters: bool):
 
 # dense ops that may take the fused weight-gradient path (curvreg.fused)
 _FUSABLE = frozenset({F.linear, torch.addmm})
+
+# ops that tile an unbatched rule-op output over the batch (Recording._tile)
+_TILING = frozenset({Tensor.expand, Tensor.repeat})
 
 # ops at which an unbatched rule-op output is expanded to the batch (Recording._broadcast)
 _BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
@@ -410,32 +415,57 @@ class Recording:
 
         ``x + pos`` with pos = embedding(position_ids [1, T]) is [N, T, d] + [1, T, d]; replacing
         pos by its expansion to [N, T, d] computes the same sum, and the expansion's gradient
-        row i is d l_i / d pos. The op's call is re-pointed at the expansion, with its inputs
-        expanded alike, so its rule sees an ordinary per-example call. Every other use of pos
-        is checked at the delta pass (``origin``)."""
-        with torch._C.DisableTorchFunction():
-            a, b = args
-            n = self.n
-            for i, (t, other) in enumerate(((a, b), (b, a))):
-                entry = self.unbatched.get(id(t)) if isinstance(t, Tensor) else None
-                if (entry is None or entry[1] is not t or not isinstance(other, Tensor)
-                        or other.dim() < t.dim() or other.dim() == 0 or other.shape[0] != n):
-                    continue
-                call = entry[0]
-                if call.origin is not None or len(call.edges) != 1:
-                    continue
-                pad = other.dim() - t.dim()
-                if pad == 0 and t.shape[0] != 1:
-                    continue
-                rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (other.dim() - 1)))
-                x = call.args[0]
-                call.args = (x.reshape((1,) * pad + tuple(x.shape)).expand(n, *([-1] * (x.dim() + pad - 1))),
-                             ) + tuple(call.args[1:])
-                call.origin = call.edges[0]
-                call.edges = [get_gradient_edge(rep)]
-                del self.unbatched[id(t)]
-                return (rep, b) if i == 0 else (a, rep)
+        row i is d l_i / d pos. Every other use of pos is checked at the delta pass (``origin``)."""
+        a, b = args
+        for i, (t, other) in enumerate(((a, b), (b, a))):
+            if (isinstance(t, Tensor) and isinstance(other, Tensor) and other.dim() >= t.dim()
+                    and other.dim() > 0 and other.shape[0] == self.n):
+                rep = self._expanded(t, other.dim())
+                if rep is not None:
+                    return (rep, b) if i == 0 else (a, rep)
         return args
+
+    def _tile(self, func, args, kwargs):
+        """The expansion (``_expanded``) that ``t.expand(N, ...)`` or ``t.repeat(N, 1, ...)``
+        makes of an unbatched rule-op output t with a leading size of 1 or none (XCiT's Fourier
+        position encoding: a convolution of a fixed grid, ``.repeat(B, 1, 1, 1)``), else None."""
+        if kwargs or len(args) < 2 or not isinstance(args[0], Tensor):
+            return None
+        t, sizes = args[0], args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        pad = len(sizes) - t.dim()
+        if not all(isinstance(s, int) for s in sizes) or sizes[0] != self.n or pad not in (0, 1):
+            return None
+        rest = (1,) * pad + tuple(t.shape)
+        keep = (lambda s, k: s == 1) if func is Tensor.repeat else (lambda s, k: s in (-1, k))
+        if rest[0] != 1 or not all(keep(s, k) for s, k in zip(sizes[1:], rest[1:])):
+            return None
+        return self._expanded(t, len(sizes))
+
+    def _expanded(self, t: Tensor, dim: int):
+        """t, an unbatched rule-op output, viewed with ``dim`` dims and expanded to the batch
+        (None unless t is one and has a leading size of 1, or ``dim - 1`` dims). The op's call
+        is re-pointed at the expansion, with its inputs expanded alike, so its rule sees an
+        ordinary per-example call whose delta row i is d l_i / d t; the delta pass checks that
+        t has no other use (``origin``)."""
+        entry = self.unbatched.get(id(t))
+        if entry is None or entry[1] is not t:
+            return None
+        call, pad = entry[0], dim - t.dim()
+        if (call.origin is not None or len(call.edges) != 1 or pad not in (0, 1)
+                or (pad == 0 and t.shape[0] != 1)):
+            return None
+        with torch._C.DisableTorchFunction():
+            n = self.n
+            rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
+            x = call.args[0]
+            call.args = (x.reshape((1,) * pad + tuple(x.shape)).expand(n, *([-1] * (x.dim() + pad - 1))),
+                         ) + tuple(call.args[1:])
+            call.origin = call.edges[0]
+            call.edges = [get_gradient_edge(rep)]
+        del self.unbatched[id(t)]
+        return rep
 
     def _standardized(self, conv) -> bool:
         """A convolution inside a weight-standardized convolution module (its weight is a

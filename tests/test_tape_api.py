@@ -223,6 +223,48 @@ def test_position_table_broadcast_over_the_batch_is_exact():
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(5, dtype=torch.long)))
 
 
+class _TiledPosition(nn.Module):
+    """A position encoding computed from a fixed grid by a layer with parameters (XCiT's Fourier
+    encoding), tiled over the batch with ``how`` ("repeat", "expand" or "expand_new": without a
+    leading dim), then added to the tokens or used another way (``other_use``)."""
+
+    def __init__(self, how, other_use=False):
+        super().__init__()
+        self.how, self.other_use = how, other_use
+        self.proj, self.tok, self.head = nn.Linear(2, 4), nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # [N, T, 3]
+        n, t = x.shape[:2]
+        grid = torch.linspace(0, 1, 2 * t, dtype=x.dtype).reshape(t, 2)
+        pos = self.proj(grid if self.how == "expand_new" else grid.unsqueeze(0))  # [(1,) T, 4]
+        tiled = {"repeat": lambda: pos.repeat(n, 1, 1), "expand": lambda: pos.expand(n, -1, -1),
+                 "expand_new": lambda: pos.expand(n, t, 4)}[self.how]()
+        h = self.tok(x) * tiled
+        if self.other_use:
+            h = h + pos.sum()
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("how", ["repeat", "expand", "expand_new"])
+def test_position_encoding_tiled_over_the_batch_is_exact(how):
+    model = _TiledPosition(how).double()
+    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert tape.methods["proj"] == "exact"
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert torch.allclose(sq, ref, rtol=1e-10)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sq.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    model = _TiledPosition(how, other_use=True).double()  # the untiled tensor used elsewhere too
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"op F.linear in module 'proj' has no example dimension"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
 def test_torch_compile_refused():
     with pytest.raises(TypeError, match="torch.compile"):
         curvreg.GradNormTape(torch.compile(nn.Linear(3, 2)))

@@ -110,6 +110,9 @@ ZOO = {
     "timm_mixer": (lambda: _timm_mixer(), images(s=16)),
     "timm_cait": (_timm("cait_xxs24_224", **_TIMM_VIT, depth_token_only=1), images(s=16)),
     "timm_beit": (_timm("beit_base_patch16_224", **_TIMM_VIT), images(s=16)),
+    # convolutional patch embedding (conv + BatchNorm, then flatten(2).transpose(1, 2)), a
+    # Fourier position encoding tiled over the batch with .repeat, cross-covariance attention
+    "timm_xcit": (_timm("xcit_nano_12_p16_224", **_TIMM_VIT), images(s=16)),
     "timm_swin": (_timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=4, embed_dim=8,
                         depths=(1, 1), num_heads=(1, 2), window_size=2), images(s=16)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),
