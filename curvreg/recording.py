@@ -545,10 +545,11 @@ class Recording:
         if used and not any(t.requires_grad for t in _float_tensors(out)):
             return  # no gradient flows through it: p.dtype, p.shape, p.size(), a comparison...
         for a in used:
-            self._attribute(module, a, out)
+            self._attribute(module, a, out, func)
 
-    def _attribute(self, module, a, out):
-        """Count parameter ``a``'s use in an op no op rule covers toward ``module``'s call."""
+    def _attribute(self, module, a, out, func=None):
+        """Count parameter ``a``'s use in op ``func`` (None: a view op), which no op rule
+        covers, toward ``module``'s call."""
         entry = self.params[id(a)]
         if module is None:
             self.outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
@@ -559,10 +560,14 @@ class Recording:
             self._local[id(module)] = local
         name = local.get(id(a))
         if name is None:
+            op = ("a view op" if func is None else
+                  torch.overrides.resolve_name(func) or getattr(func, "__name__", repr(func)))
             raise ValueError(f"module '{_path(self.paths, module)}' uses parameter "
-                             f"'{entry[0]}', which belongs to neither it nor its children; "
-                             "per-example gradients of that use cannot be attributed. "
-                             "Move the parameter into the module that uses it.")
+                             f"'{entry[0]}', which belongs to neither it nor its children, in "
+                             f"{op}, which no op rule covers; per-example gradients of that "
+                             "use cannot be attributed. Move the parameter into the module that "
+                             "uses it, or use it there through an op with a rule (F.linear, "
+                             "a broadcast product or sum: README, 'Supported ops').")
         self._stack[-1][1][name] = id(a)
 
     def covered(self, func, args, kwargs) -> set:

@@ -314,6 +314,40 @@ def test_inplace_modification_rejected():
         tape.per_example_sq_grad_norms(ce(out, torch.zeros(3, dtype=torch.long)))
 
 
+class _Child(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(3))  # its own parameters: its calls are recorded
+
+    def forward(self, x, table, covered):
+        return (F.linear(x, table) if covered else x @ torch.sin(table).t()) + self.bias
+
+
+class _Parent(nn.Module):
+    """Owns a table that its child uses (DeBERTa's shared relative embeddings)."""
+
+    def __init__(self, covered):
+        super().__init__()
+        self.covered, self.table, self.child = covered, nn.Parameter(torch.randn(3, 4)), _Child()
+
+    def forward(self, x):
+        return self.child(x, self.table, self.covered)
+
+
+def test_a_parameter_used_by_a_module_it_does_not_belong_to():
+    x, y = torch.randn(5, 4, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1])
+    model = _Parent(covered=True).double()  # in an op a rule covers: exact
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, x, y), rtol=1e-12)
+    model = _Parent(covered=False).double()
+    with pytest.raises(ValueError, match=r"module 'child' uses parameter 'table', which belongs "
+                                         r"to neither it nor its children, in torch\.sin"):
+        with curvreg.GradNormTape(model) as tape:
+            model(x)
+
+
 def test_parameter_used_outside_modules_rejected():
     model, x, y = build("mlp", n=3)
     with curvreg.GradNormTape(model) as tape:

@@ -25,6 +25,9 @@ REFUSED = {
     "timm_mobilenetv3": r"F\.hardsigmoid / nn\.Hardsigmoid in module 'blocks\.0\.0\.se'.*clamp",
     "timm_swin": r"module 'layers\.0\.blocks\.0\.attn' \(WindowAttention\) produced an output with "
                  r"dim 0 of size 12, not the batch size 3",
+    "hf_deberta_v2_relative": r"module 'model\.deberta\.encoder\.layer\.0\.attention\.self' uses "
+                              r"parameter 'model\.deberta\.encoder\.rel_embeddings\.weight', which "
+                              r"belongs to neither it nor its children, in torch\.nn\.functional\.dropout",
 }
 # Llama's RMSNorm computes in float32 whatever the model's dtype
 TOLERANCE = {"hf_llama": 1e-6}
@@ -41,6 +44,7 @@ FALLBACK = {
 # models torch.func's vmap cannot run (their values are checked against the loop alone)
 NO_VMAP = {"hf_gpt2": "data-dependent control flow (.item()) in its attention mask",
            "hf_bart": "torch.unique_consecutive (a dynamic shape) in its end-of-sequence check",
+           "hf_deberta_v2": "data-dependent control flow in its missing-attention-mask warning",
            "nn_lstm": "the RNN kernels under vmap"}
 
 

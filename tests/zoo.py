@@ -139,6 +139,12 @@ ZOO = {
                     decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
                     max_position_embeddings=16, pad_token_id=0),
                 lambda n: torch.cat([torch.randint(3, 40, (n, 5)), torch.full((n, 1), 2)], 1)),
+    "hf_deberta_v2": (_hf("DebertaV2Config", "DebertaV2ForSequenceClassification", **_BERT), ids()),
+    # DeBERTa-v3's setting: relative attention through embeddings the encoder owns and every
+    # layer's attention uses
+    "hf_deberta_v2_relative": (_hf("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                                   relative_attention=True, position_buckets=4,
+                                   pos_att_type=["p2c", "c2p"], **_BERT), ids()),
     "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8,
                    hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=16), images(s=16)),
