@@ -245,10 +245,12 @@ def _batch_norm(args, kwargs, params):
     x, mean, var, w, b, names = parsed
     if _arg(args, kwargs, 5, "training", False) or mean is None or var is None:
         raise BatchStatistics("F.batch_norm")
+    rows = x.dim() == 2  # [R, C]: an affine map per row, so rows may merge positions
     shell = _shell(_BN_TYPES[x.dim()], {"weight": w, "bias": b}, num_features=x.shape[1],
-                   eps=_arg(args, kwargs, 7, "eps", 1e-5), affine=True, track_running_stats=True)
+                   eps=_arg(args, kwargs, 7, "eps", 1e-5), affine=True, track_running_stats=True,
+                   rows=rows)
     shell._buffers.update(running_mean=mean, running_var=var)
-    return OpUse("F.batch_norm", shell, (x,), names, False)
+    return OpUse("F.batch_norm", shell, (x,), names, rows)
 
 
 def _instance_norm(args, kwargs, params):

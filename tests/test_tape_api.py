@@ -363,7 +363,12 @@ class _Merge(nn.Module):
     def __init__(self, minor, norm=None):
         super().__init__()
         self.minor, self.lin = minor, nn.Linear(3, 2)
-        self.norm = {None: nn.Identity, "layer": nn.LayerNorm, "rms": nn.RMSNorm}[norm](2)
+        self.norm = {None: nn.Identity, "layer": nn.LayerNorm, "rms": nn.RMSNorm,
+                     "batch": nn.BatchNorm1d}[norm](2)
+        if norm == "batch":  # eval mode, running statistics: an affine map per row
+            self.norm.eval()
+            self.norm.running_mean.normal_()
+            self.norm.running_var.uniform_(0.5, 2)
 
     def forward(self, x):
         h = (x.transpose(0, 1) if self.minor else x).flatten(0, 1)  # [2N, 3]
@@ -371,7 +376,7 @@ class _Merge(nn.Module):
         return (h.transpose(0, 1) if self.minor else h).flatten(1)
 
 
-@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+@pytest.mark.parametrize("norm", [None, "layer", "rms", "batch"])
 def test_merged_batch_dim_example_major_is_exact_example_minor_refused(norm):
     x, y = torch.randn(4, 2, 3, dtype=torch.double), torch.tensor([0, 1, 2, 3])
     model = _Merge(minor=False, norm=norm).double()
@@ -390,7 +395,7 @@ def test_merged_batch_dim_example_major_is_exact_example_minor_refused(norm):
     model = _Merge(minor=True, norm=norm).double()
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
-    with pytest.raises(ValueError, match=r"not independent at op F\.(linear|layer_norm|rms_norm)"):
+    with pytest.raises(ValueError, match=r"not independent at op F\.(linear|layer_norm|rms_norm|batch_norm)"):
         tape.per_example_sq_grad_norms(ce(out, y))
     conv = nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2),
                          nn.Flatten(1)).double()

@@ -113,6 +113,9 @@ ZOO = {
     # convolutional patch embedding (conv + BatchNorm, then flatten(2).transpose(1, 2)), a
     # Fourier position encoding tiled over the batch with .repeat, cross-covariance attention
     "timm_xcit": (_timm("xcit_nano_12_p16_224", **_TIMM_VIT), images(s=16)),
+    # BatchNorm1d (eval) on [N*T, C] token rows after each linear, attention biases
+    "timm_levit": (_timm("levit_128s", img_size=32, embed_dim=(16, 24, 32), key_dim=8,
+                         num_heads=(2, 2, 2), depth=(1, 1, 1)), images(s=32)),
     "timm_swin": (_timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=4, embed_dim=8,
                         depths=(1, 1), num_heads=(1, 2), window_size=2), images(s=16)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),

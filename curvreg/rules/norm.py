@@ -46,6 +46,8 @@ def group_norm_grads(layer: nn.GroupNorm, inputs, grad_output, names, group):
 
 def batch_norm_eval_grads(layer: nn.modules.batchnorm._NormBase, inputs, grad_output, names, group):
     x = inputs[0]
+    if getattr(layer, "rows", False) and x.dim() == 3:  # [R, C] rows read as [N, k, C]
+        x, grad_output = x.transpose(1, 2), grad_output.transpose(1, 2)
     use_batch_stats = layer.training or layer.running_mean is None
     if use_batch_stats and isinstance(layer, nn.modules.batchnorm._BatchNorm):
         raise ValueError("BatchNorm with batch statistics mixes examples")
