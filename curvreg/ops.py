@@ -374,6 +374,23 @@ MATCHERS = {
 
 # order-preserving reshapes: a parameter's view through one of these is the parameter itself,
 # reshaped, for the elementwise rules (timm ConvNeXt's ``x * gamma.reshape(1, -1, 1, 1)``)
+# x @ W.T with a parameter W [out, in] is F.linear(x, W): the tape runs it as that
+# (``Recording._as_linear``), so the Linear rule and the fused path take it
+MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
+
+
+def transposes(func, args) -> bool:
+    """Whether this call transposes a 2-D tensor (``W.T``, ``W.t()``, ``W.mT``,
+    ``W.transpose(0, 1)``)."""
+    if not args or not isinstance(args[0], Tensor) or args[0].dim() != 2:
+        return False
+    if func in (Tensor.t, torch.t, Tensor.T.__get__, Tensor.mT.__get__):
+        return len(args) == 1
+    if func in (Tensor.transpose, torch.transpose) and len(args) == 3:
+        return {d % 2 for d in args[1:] if isinstance(d, int)} == {0, 1}
+    return False
+
+
 VIEWS = frozenset({Tensor.reshape, torch.reshape, Tensor.view, Tensor.view_as, Tensor.reshape_as,
                    Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze, torch.squeeze,
                    Tensor.flatten, torch.flatten})

@@ -122,6 +122,8 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
+        if func in ops.MATMULS and rec.transposed and (linear := rec._as_linear(args, kwargs)):
+            func, args, kwargs = F.linear, linear, {}
         if func in _TILING and rec.unbatched and (rep := rec._tile(func, args, kwargs)) is not None:
             return rep.contiguous() if func is Tensor.repeat else rep
         conv = taped_conv.conv_args(func, args, kwargs)
@@ -275,6 +277,8 @@ class Recording:
         # it): consumed by an elementwise rule as the parameter itself, otherwise a use of the
         # parameter (see _on_op, _post_hook and the view check in _deltas)
         self.views: Dict[int, tuple] = {}
+        # id(W.T) -> [W.T, W, consumed by a matmul taken as F.linear, used by another op]
+        self.transposed: Dict[int, list] = {}
         self.view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
         self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
@@ -512,6 +516,25 @@ class Recording:
                                        op="F.batch_norm (batch statistics)"))
         return out
 
+    def _as_linear(self, args, kwargs):
+        """``(x, W)`` for ``x @ W.T`` (any matmul spelling) with ``W.T`` a recorded transpose of a
+        parameter, else None."""
+        if kwargs or len(args) != 2 or not isinstance(args[0], Tensor) or args[0].dim() < 1:
+            return None
+        entry = self.transposed.get(id(args[1])) if isinstance(args[1], Tensor) else None
+        if entry is None or entry[0] is not args[1]:
+            return None
+        entry[2] = True
+        self._check_transposed(entry)
+        return args[0], entry[1]
+
+    def _check_transposed(self, entry):
+        if entry[2] and entry[3]:
+            raise ValueError(
+                f"parameter '{self.params[id(entry[1])][0]}' is used through its transpose both "
+                "in a matmul (taken as F.linear) and in another op; per-example gradients of "
+                "the two uses cannot be separated. Transpose it separately for each use.")
+
     def _on_op(self, func, args, kwargs, out):
         used = [a for a in _op_args(args, kwargs, parameters=True) if id(a) in self.params]
         views = {id(t): entry[1] for t in _op_args(args, kwargs, parameters=False)
@@ -520,6 +543,17 @@ class Recording:
                 and isinstance(out, Tensor) and self._stack):
             self.views[id(out)] = (out, used[0], self._stack[-1][0])  # see _post_hook
             return
+        if (len(used) == 1 and not views and ops.transposes(func, args) and args[0] is used[0]
+                and isinstance(out, Tensor)
+                and not (self._stack and type(self._stack[-1][0]) in self.module_rules)):
+            self.transposed[id(out)] = [out, used[0], False, False]  # see _as_linear
+            return
+        for t in _op_args(args, kwargs, parameters=False):
+            entry = self.transposed.get(id(t))
+            if entry is not None and entry[0] is t:  # another use of W.T: W's, by this module
+                entry[3] = True
+                self._check_transposed(entry)
+                used += [entry[1]] if all(entry[1] is not a for a in used) else []
         used += [p for p in views.values() if all(p is not a for a in used)]
         if not used:
             return

@@ -348,6 +348,71 @@ def test_a_parameter_used_by_a_module_it_does_not_belong_to():
             model(x)
 
 
+class _HandLinear(nn.Module):
+    """A linear layer written with a matmul on the transposed weight (Falcon's FalconLinear)."""
+
+    def __init__(self, spelling, other_use=None):
+        super().__init__()
+        self.spelling, self.other_use = spelling, other_use
+        self.weight, self.bias = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        w = self.weight
+        wt = {"T": lambda: w.T, "t": lambda: w.t(), "mT": lambda: w.mT,
+              "transpose": lambda: w.transpose(0, 1), "transpose_neg": lambda: w.transpose(-1, -2),
+              }[self.spelling]()
+        y = {"T": x.__matmul__, "t": lambda m: torch.matmul(x, m), "mT": x.matmul,
+             "transpose": x.__matmul__, "transpose_neg": x.__matmul__}[self.spelling](wt)
+        if self.other_use:
+            y = y + torch.sin(wt).sum() * 0.1
+        return y + self.bias
+
+
+@pytest.mark.parametrize("spelling", ["T", "t", "mT", "transpose", "transpose_neg"])
+@pytest.mark.parametrize("positions", [False, True])
+def test_a_matmul_with_a_transposed_weight_takes_the_linear_rule(spelling, positions):
+    torch.manual_seed(0)
+    model = nn.Sequential(_HandLinear(spelling), nn.Tanh(), nn.Flatten(), nn.Linear(6 if positions else 3, 2)).double()
+    x = torch.randn(*((5, 2, 4) if positions else (5, 4)), dtype=torch.double)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert tape.methods["0"] == "exact"
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert torch.allclose(sq, ref, rtol=1e-12)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sq.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _TransposeOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):  # W.T in an op no rule covers: an ordinary use, the loop takes it
+        return x * torch.sin(self.weight.T).sum(1)
+
+
+def test_a_transposed_weight_used_elsewhere_too():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, dtype=torch.double), torch.tensor([0, 1, 1, 0, 1])
+    model = nn.Sequential(_TransposeOnly(), nn.Tanh(), nn.Linear(4, 2)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert tape.methods["0"] == "fallback"
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, x, y), rtol=1e-12)
+    model = nn.Sequential(_HandLinear("T", other_use=True), nn.Tanh(), nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is used through its transpose both "
+                                         r"in a matmul \(taken as F\.linear\) and in another op"):
+        with curvreg.GradNormTape(model) as tape:
+            model(x)
+
+
 def test_parameter_used_outside_modules_rejected():
     model, x, y = build("mlp", n=3)
     with curvreg.GradNormTape(model) as tape:

@@ -25,12 +25,16 @@ REFUSED = {
     "timm_mobilenetv3": r"F\.hardsigmoid / nn\.Hardsigmoid in module 'blocks\.0\.0\.se'.*clamp",
     "timm_swin": r"module 'layers\.0\.blocks\.0\.attn' \(WindowAttention\) produced an output with "
                  r"dim 0 of size 12, not the batch size 3",
+    # the relative position bias, F.embedding of [T, T] buckets with T = 2N, read as positions
+    # merged with examples; the independence check refuses it
+    "hf_t5": r"examples are not independent at op F\.embedding in module 'model\.transformer\.encoder"
+             r"\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias'",
     "hf_deberta_v2_relative": r"module 'model\.deberta\.encoder\.layer\.0\.attention\.self' uses "
                               r"parameter 'model\.deberta\.encoder\.rel_embeddings\.weight', which "
                               r"belongs to neither it nor its children, in torch\.nn\.functional\.dropout",
 }
-# Llama's RMSNorm computes in float32 whatever the model's dtype
-TOLERANCE = {"hf_llama": 1e-6}
+# Llama's and Gemma's RMSNorms compute in float32 whatever the model's dtype
+TOLERANCE = {"hf_llama": 1e-6, "hf_gemma": 1e-6}
 # Module calls that still take the exact per-example loop (no fast rule yet), per architecture;
 # every other architecture runs on rules alone. A change either way fails, so improvements and
 # regressions are both noticed (and this list and the README's are updated together).
@@ -38,6 +42,8 @@ FALLBACK = {
     "tv_swin": {"features.1.0.attn", "features.3.0.attn"},             # relative position bias
     "timm_beit": {"blocks.0.attn"},                                     # relative position bias
     "nn_lstm": {"gru", "rnn"},                                          # recurrent cells
+    "hf_gemma": {"model.model.layers.0.input_layernorm",                # x * (1 + weight)
+                 "model.model.layers.0.post_attention_layernorm", "model.model.norm"},
 }
 
 
@@ -52,8 +58,8 @@ NO_VMAP = {"hf_gpt2": "data-dependent control flow (.item()) in its attention ma
 # its argmax): a finite difference there measures the jumps, not the derivative.
 PIECEWISE = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardswish,
              torch.nn.Hardsigmoid, torch.nn.MaxPool1d, torch.nn.MaxPool2d)
-# Llama's RMSNorm computes in float32: the penalty is smooth at a coarser scale
-FD_STEP = {"hf_llama": (1e-3, 1e-3)}  # name -> (step, tolerance)
+# Llama's and Gemma's RMSNorms compute in float32: the penalty is smooth at a coarser scale
+FD_STEP = {"hf_llama": (1e-3, 1e-3), "hf_gemma": (1e-3, 1e-3)}  # name -> (step, tolerance)
 
 
 def finite_difference(model, x, y, params, v, eps=1e-5):

@@ -113,6 +113,8 @@ ZOO = {
     # convolutional patch embedding (conv + BatchNorm, then flatten(2).transpose(1, 2)), a
     # Fourier position encoding tiled over the batch with .repeat, cross-covariance attention
     "timm_xcit": (_timm("xcit_nano_12_p16_224", **_TIMM_VIT), images(s=16)),
+    "timm_pvt_v2": (_timm("pvt_v2_b0", embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1),
+                          num_heads=(1, 1, 1, 1)), images(s=32)),  # spatial-reduction attention
     # BatchNorm1d (eval) on [N*T, C] token rows after each linear, attention biases
     "timm_levit": (_timm("levit_128s", img_size=32, embed_dim=(16, 24, 32), key_dim=8,
                          num_heads=(2, 2, 2), depth=(1, 1, 1)), images(s=32)),
@@ -148,6 +150,21 @@ ZOO = {
     "hf_deberta_v2_relative": (_hf("DebertaV2Config", "DebertaV2ForSequenceClassification",
                                    relative_attention=True, position_buckets=4,
                                    pos_att_type=["p2c", "c2p"], **_BERT), ids()),
+    # a linear written x @ W.T, and an in-place residual add on its output
+    "hf_falcon": (_hf("FalconConfig", "FalconForSequenceClassification", vocab_size=40,
+                      hidden_size=8, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0),
+                  ids()),
+    "hf_gemma": (_hf("GemmaConfig", "GemmaForSequenceClassification", vocab_size=40, hidden_size=8,
+                     intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=4, max_position_embeddings=16,
+                     pad_token_id=0), ids()),  # RMSNorm scaled by (1 + weight)
+    "hf_t5": (_hf("T5Config", "T5ForSequenceClassification", vocab_size=40, d_model=8, d_kv=4,
+                  d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+              lambda n: torch.cat([torch.randint(3, 40, (n, 5)), torch.full((n, 1), 1)], 1)),
+    "hf_mobilevit": (_hf("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
+                         hidden_sizes=[8, 8, 8], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
+                         num_attention_heads=2), images(s=32)),  # patches unfolded into tokens
     "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8,
                    hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=16), images(s=16)),
