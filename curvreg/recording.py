@@ -122,6 +122,8 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
         if func in _BROADCASTING and rec.unbatched and len(args) == 2:
             args = rec._broadcast(args)
+        if func is F.scaled_dot_product_attention and (rec.unbatched or rec.derived):
+            args, kwargs = rec._batched_mask(args, kwargs)
         if func in ops.MATMULS and rec.transposed and (linear := rec._as_linear(args, kwargs)):
             func, args, kwargs = F.linear, linear, {}
         if func in _TILING and rec.unbatched and (rep := rec._tile(func, args, kwargs)) is not None:
@@ -150,6 +152,8 @@ class _UsageMode(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         out = batchnorm.one_example_layout(func, args, kwargs, out)
+        if func in _VIEW_CHAIN and (rec.unbatched or rec.derived):
+            rec._follow(func, args, kwargs, out)
         rec._on_op(func, args, kwargs, out)
         return out
 
@@ -221,6 +225,13 @@ _FUSABLE = frozenset({F.linear, torch.addmm})
 # ops that tile an unbatched rule-op output over the batch (Recording._tile)
 _TILING = frozenset({Tensor.expand, Tensor.repeat})
 
+# view ops followed from an unbatched rule-op output (Recording._follow): T5's relative position
+# bias, embedding(buckets [T, T]).permute(2, 0, 1).unsqueeze(0)[:, :, -T:, :]
+_VIEW_CHAIN = frozenset({Tensor.permute, torch.permute, Tensor.unsqueeze, torch.unsqueeze,
+                         Tensor.transpose, torch.transpose, Tensor.__getitem__, Tensor.reshape,
+                         Tensor.view, Tensor.squeeze, Tensor.flatten, Tensor.contiguous,
+                         torch.where})
+
 # ops at which an unbatched rule-op output is expanded to the batch (Recording._broadcast)
 _BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                            Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
@@ -269,6 +280,10 @@ class Recording:
         # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
         # until a broadcasting op meets them with the batch (see _broadcast)
         self.unbatched: Dict[int, tuple] = {}
+        # id(view) -> (view, unbatched rule-op output it is a view of, view ops from it)
+        self.derived: Dict[int, tuple] = {}
+        self.expansions: Dict[tuple, tuple] = {}  # (id(t), dims) -> (t, its expansion)
+        self.roots: Dict[int, tuple] = {}  # id(t) -> (t, [N, *t.shape]) for views of t
         self.bn_reach: List[frozenset] = []  # per batch-statistics normalization: the ids of
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
@@ -429,6 +444,22 @@ class Recording:
                     return (rep, b) if i == 0 else (a, rep)
         return args
 
+    def _batched_mask(self, args, kwargs):
+        """(args, kwargs) of a scaled_dot_product_attention call whose ``attn_mask`` is an
+        unbatched rule-op output or a view of one (T5's relative position bias), with the mask
+        expanded to the batch of the query (``_expanded``), which the kernel broadcasts anyway."""
+        query = args[0] if args else kwargs.get("query")
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        if (not isinstance(query, Tensor) or not isinstance(mask, Tensor) or query.dim() == 0
+                or query.shape[0] != self.n or mask.dim() > query.dim()):
+            return args, kwargs
+        rep = self._expanded(mask, query.dim())
+        if rep is None:
+            return args, kwargs
+        if len(args) > 3:
+            return args[:3] + (rep,) + tuple(args[4:]), kwargs
+        return args, {**kwargs, "attn_mask": rep}
+
     def _tile(self, func, args, kwargs):
         """The expansion (``_expanded``) that ``t.expand(N, ...)`` or ``t.repeat(N, 1, ...)``
         makes of an unbatched rule-op output t with a leading size of 1 or none (XCiT's Fourier
@@ -447,7 +478,82 @@ class Recording:
             return None
         return self._expanded(t, len(sizes))
 
+    def _follow(self, func, args, kwargs, out):
+        """Record ``out``, a view op's result on an unbatched rule-op output (or on a view of
+        one), with the view ops that lead to it from that output (see ``_expanded``)."""
+        if not isinstance(out, Tensor):
+            return
+        for i, base in enumerate(args):
+            if not isinstance(base, Tensor):
+                continue
+            entry = self.unbatched.get(id(base))
+            if entry is not None and entry[1] is base:
+                root, chain = base, ()
+                break
+            entry = self.derived.get(id(base))
+            if entry is not None and entry[0] is base:
+                root, chain = entry[1], entry[2]
+                break
+        else:
+            return
+        others = [a for j, a in enumerate(_flat((args, kwargs))) if a is not base]
+        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == self.n for a in others):
+            return  # it meets batched data here: not a view of it alone
+        self.derived[id(out)] = (out, root, chain + ((func, i, tuple(args), kwargs),))
+
     def _expanded(self, t: Tensor, dim: int):
+        """The per-example expansion of t, an unbatched rule-op output or a view of one, with
+        ``dim`` dims (``_derived_expanded`` for views), or None. Made once per tensor: later
+        uses (T5's position bias, computed in the first layer and used by every layer) get the
+        same expansion."""
+        done = self.expansions.get((id(t), dim))
+        if done is not None and done[0] is t:
+            return done[1]
+        entry = self.derived.get(id(t))
+        if entry is not None and entry[0] is t:
+            rep = self._derived_expanded(t, entry[1], entry[2], dim)
+        else:
+            rep = self._direct_expanded(t, dim)
+        if rep is not None:
+            self.expansions[(id(t), dim)] = (t, rep)
+        return rep
+
+    def _derived_expanded(self, v: Tensor, t: Tensor, chain, dim: int):
+        """v = chain(t), t an unbatched output of a position-wise rule op: t gets a new leading
+        example dim (its call's input likewise; once per t, shared by all its views), and the
+        view ops run on each example's copy (``torch.vmap``), giving v as [N, ...] with ``dim``
+        dims (a leading 1 of v dropped)."""
+        pad = dim - v.dim()
+        if pad not in (0, 1) or (pad == 0 and v.shape[0] != 1):
+            return None
+        done = self.roots.get(id(t))
+        if done is not None and done[0] is t:
+            rep = done[1]
+        else:
+            entry = self.unbatched.get(id(t))
+            if entry is None or entry[1] is not t:
+                return None
+            call = entry[0]
+            if call.origin is not None or len(call.edges) != 1 or not call.position_wise:
+                return None
+            with torch._C.DisableTorchFunction():
+                rep = t.unsqueeze(0).expand(self.n, *t.shape)
+                x = call.args[0]
+                call.args = (x.unsqueeze(0).expand(self.n, *x.shape),) + tuple(call.args[1:])
+                call.origin = call.edges[0]
+                call.edges = [get_gradient_edge(rep)]
+            del self.unbatched[id(t)]
+            self.roots[id(t)] = (t, rep)
+
+        def views(u):
+            for func, i, args, kwargs in chain:
+                u = func(*args[:i], u, *args[i + 1:], **kwargs)
+            return u
+        with torch._C.DisableTorchFunction():
+            out = torch.vmap(views)(rep)
+        return out.squeeze(1) if pad == 0 else out
+
+    def _direct_expanded(self, t: Tensor, dim: int):
         """t, an unbatched rule-op output, viewed with ``dim`` dims and expanded to the batch
         (None unless t is one and has a leading size of 1, or ``dim - 1`` dims). The op's call
         is re-pointed at the expansion, with its inputs expanded alike, so its rule sees an

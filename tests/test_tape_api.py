@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvreg
-from curvreg.reference import loop_sq_grad_norms
+from curvreg.reference import loop_sq_grad_norms, vmap_sq_grad_norms
 from curvreg.rules import LayerRule
 
 from models import build, ce
@@ -262,6 +262,64 @@ def test_position_encoding_tiled_over_the_batch_is_exact(how):
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
     with pytest.raises(ValueError, match=r"op F.linear in module 'proj' has no example dimension"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+class _RelativeBias(nn.Module):
+    """T5-style attention: a relative position bias looked up from [T, T] buckets, taken through
+    view ops and a torch.where with a fixed causal mask into the attention's mask, computed
+    once and used by two attention layers (``other_use``: also summed into the output)."""
+
+    def __init__(self, other_use=False):
+        super().__init__()
+        self.other_use = other_use
+        self.bias = nn.Embedding(7, 2)  # buckets -> heads
+        self.qkv, self.qkv2, self.head = nn.Linear(4, 12), nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def _attend(self, qkv, x, mask):
+        n, t, _ = x.shape
+        q, k, v = qkv(x).reshape(n, t, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(n, t, 4)
+
+    def forward(self, x):  # [N, T, 4]
+        t = x.shape[1]
+        pos = torch.arange(t)
+        buckets = (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3  # [T, T]
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)[:, :, -t:, :]  # [1, 2, T, T]
+        causal = torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
+        mask = torch.where(causal, bias, -1e4)
+        h = x + self._attend(self.qkv, x, mask)
+        h = h + self._attend(self.qkv2, h, mask)
+        if self.other_use:
+            h = h + bias.sum()
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("t", [3, 6, 7])  # T = N, T = 2N (a multiple of the batch), other
+def test_a_relative_position_bias_through_views_into_attention_is_exact(t):
+    torch.manual_seed(0)
+    model = _RelativeBias().double()
+    x, y = torch.randn(3, t, 4, dtype=torch.double), torch.tensor([0, 1, 2])
+    if t == 3:  # the table's leading dim is the batch size: taken as examples, and refused
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        with pytest.raises(ValueError, match=r"not independent at op F\.embedding in module 'bias'"):
+            tape.per_example_sq_grad_norms(ce(out, y))
+        return
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert all(m == "exact" for m in tape.methods.values())
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert torch.allclose(sq, ref, rtol=1e-10)
+    assert torch.allclose(sq, vmap_sq_grad_norms(model, ce, x, y), rtol=1e-10)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sq.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    model = _RelativeBias(other_use=True).double()
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    with pytest.raises(ValueError, match=r"op F\.embedding in module 'bias' has no example dimension"):
         tape.per_example_sq_grad_norms(ce(out, y))
 
 

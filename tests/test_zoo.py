@@ -25,10 +25,6 @@ REFUSED = {
     "timm_mobilenetv3": r"F\.hardsigmoid / nn\.Hardsigmoid in module 'blocks\.0\.0\.se'.*clamp",
     "timm_swin": r"module 'layers\.0\.blocks\.0\.attn' \(WindowAttention\) produced an output with "
                  r"dim 0 of size 12, not the batch size 3",
-    # the relative position bias, F.embedding of [T, T] buckets with T = 2N, read as positions
-    # merged with examples; the independence check refuses it
-    "hf_t5": r"examples are not independent at op F\.embedding in module 'model\.transformer\.encoder"
-             r"\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias'",
     "hf_deberta_v2_relative": r"module 'model\.deberta\.encoder\.layer\.0\.attention\.self' uses "
                               r"parameter 'model\.deberta\.encoder\.rel_embeddings\.weight', which "
                               r"belongs to neither it nor its children, in torch\.nn\.functional\.dropout",
@@ -50,6 +46,7 @@ FALLBACK = {
 # models torch.func's vmap cannot run (their values are checked against the loop alone)
 NO_VMAP = {"hf_gpt2": "data-dependent control flow (.item()) in its attention mask",
            "hf_bart": "torch.unique_consecutive (a dynamic shape) in its end-of-sequence check",
+           "hf_t5": "torch.unique_consecutive (a dynamic shape) in its end-of-sequence check",
            "hf_deberta_v2": "data-dependent control flow in its missing-attention-mask warning",
            "nn_lstm": "the RNN kernels under vmap"}
 

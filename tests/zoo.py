@@ -158,8 +158,10 @@ ZOO = {
                      intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=4, max_position_embeddings=16,
                      pad_token_id=0), ids()),  # RMSNorm scaled by (1 + weight)
+    # relative position biases: embeddings of [T, T] buckets, views, the attention's mask,
+    # computed in the first layer and used by both
     "hf_t5": (_hf("T5Config", "T5ForSequenceClassification", vocab_size=40, d_model=8, d_kv=4,
-                  d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=2,
+                  d_ff=16, num_layers=2, num_decoder_layers=2, num_heads=2,
                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
               lambda n: torch.cat([torch.randint(3, 40, (n, 5)), torch.full((n, 1), 1)], 1)),
     "hf_mobilevit": (_hf("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
