@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention, batchnorm, fused, ops, shared_forward, taped_conv, taped_gelu
+from . import attention, batchnorm, fused, ops, shared_forward, taped_conv, taped_gelu, unbatched
 from .probe import LINEAR_IN_PARAMS
 from .rules import std_conv
 
@@ -120,14 +120,16 @@ class _UsageMode(TorchFunctionMode):
             if thunk is not None:
                 with self:  # re-enter: the projections inside are recorded as rule ops
                     return thunk()
-        if func in _BROADCASTING and rec.unbatched and len(args) == 2:
-            args = rec._broadcast(args)
-        if func is F.scaled_dot_product_attention and (rec.unbatched or rec.derived):
-            args, kwargs = rec._batched_mask(args, kwargs)
+        if rec.unbatched:  # outputs without an example dimension meeting the batch
+            if func in unbatched.BROADCASTING and len(args) == 2:
+                args = rec.unbatched.broadcast(args, rec.n)
+            elif func is F.scaled_dot_product_attention:
+                args, kwargs = rec.unbatched.batched_mask(args, kwargs, rec.n)
+            elif (func in unbatched.TILING
+                  and (rep := rec.unbatched.tile(func, args, kwargs, rec.n)) is not None):
+                return rep.contiguous() if func is Tensor.repeat else rep
         if func in ops.MATMULS and rec.transposed and (linear := rec._as_linear(args, kwargs)):
             func, args, kwargs = F.linear, linear, {}
-        if func in _TILING and rec.unbatched and (rep := rec._tile(func, args, kwargs)) is not None:
-            return rep.contiguous() if func is Tensor.repeat else rep
         conv = taped_conv.conv_args(func, args, kwargs)
         if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
             with torch._C.DisableTorchFunction():
@@ -152,8 +154,8 @@ class _UsageMode(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         out = batchnorm.one_example_layout(func, args, kwargs, out)
-        if func in _VIEW_CHAIN and (rec.unbatched or rec.derived):
-            rec._follow(func, args, kwargs, out)
+        if func in unbatched.VIEW_CHAIN and rec.unbatched:
+            rec.unbatched.follow(func, args, kwargs, out, rec.n)
         rec._on_op(func, args, kwargs, out)
         return out
 
@@ -222,20 +224,6 @@ def _op_args(args, kwargs, parameters: bool):
 # dense ops that may take the fused weight-gradient path (curvreg.fused)
 _FUSABLE = frozenset({F.linear, torch.addmm})
 
-# ops that tile an unbatched rule-op output over the batch (Recording._tile)
-_TILING = frozenset({Tensor.expand, Tensor.repeat})
-
-# view ops followed from an unbatched rule-op output (Recording._follow): T5's relative position
-# bias, embedding(buckets [T, T]).permute(2, 0, 1).unsqueeze(0)[:, :, -T:, :]
-_VIEW_CHAIN = frozenset({Tensor.permute, torch.permute, Tensor.unsqueeze, torch.unsqueeze,
-                         Tensor.transpose, torch.transpose, Tensor.__getitem__, Tensor.reshape,
-                         Tensor.view, Tensor.squeeze, Tensor.flatten, Tensor.contiguous,
-                         torch.where})
-
-# ops at which an unbatched rule-op output is expanded to the batch (Recording._broadcast)
-_BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
-                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
-
 
 class Recording:
     """The calls of one taped forward, with what the tape's options say about them.
@@ -277,13 +265,9 @@ class Recording:
         self._stack: List[list] = []
         self.holders: List[fused.Holder] = []  # one per fused dense call
         self.n: Optional[int] = None
-        # op outputs without an example dim (position tables looked up with [1, T] ids), by id,
-        # until a broadcasting op meets them with the batch (see _broadcast)
-        self.unbatched: Dict[int, tuple] = {}
-        # id(view) -> (view, unbatched rule-op output it is a view of, view ops from it)
-        self.derived: Dict[int, tuple] = {}
-        self.expansions: Dict[tuple, tuple] = {}  # (id(t), dims) -> (t, its expansion)
-        self.roots: Dict[int, tuple] = {}  # id(t) -> (t, [N, *t.shape]) for views of t
+        # rule-op outputs without an example dim (position tables looked up with [1, T] ids)
+        # until they meet the batch (curvreg.unbatched)
+        self.unbatched = unbatched.Unbatched()
         self.bn_reach: List[frozenset] = []  # per batch-statistics normalization: the ids of
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
@@ -429,154 +413,6 @@ class Recording:
         self.calls.append(Call(module, _path(self.paths, module), args, kwargs, output,
                                used, by_rule, keep_output=type(module) in self.output_rules))
 
-    def _broadcast(self, args):
-        """Expand an unbatched rule-op output to the batch where it meets batched data.
-
-        ``x + pos`` with pos = embedding(position_ids [1, T]) is [N, T, d] + [1, T, d]; replacing
-        pos by its expansion to [N, T, d] computes the same sum, and the expansion's gradient
-        row i is d l_i / d pos. Every other use of pos is checked at the delta pass (``origin``)."""
-        a, b = args
-        for i, (t, other) in enumerate(((a, b), (b, a))):
-            if (isinstance(t, Tensor) and isinstance(other, Tensor) and other.dim() >= t.dim()
-                    and other.dim() > 0 and other.shape[0] == self.n):
-                rep = self._expanded(t, other.dim())
-                if rep is not None:
-                    return (rep, b) if i == 0 else (a, rep)
-        return args
-
-    def _batched_mask(self, args, kwargs):
-        """(args, kwargs) of a scaled_dot_product_attention call whose ``attn_mask`` is an
-        unbatched rule-op output or a view of one (T5's relative position bias), with the mask
-        expanded to the batch of the query (``_expanded``), which the kernel broadcasts anyway."""
-        query = args[0] if args else kwargs.get("query")
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        if (not isinstance(query, Tensor) or not isinstance(mask, Tensor) or query.dim() == 0
-                or query.shape[0] != self.n or mask.dim() > query.dim()):
-            return args, kwargs
-        rep = self._expanded(mask, query.dim())
-        if rep is None:
-            return args, kwargs
-        if len(args) > 3:
-            return args[:3] + (rep,) + tuple(args[4:]), kwargs
-        return args, {**kwargs, "attn_mask": rep}
-
-    def _tile(self, func, args, kwargs):
-        """The expansion (``_expanded``) that ``t.expand(N, ...)`` or ``t.repeat(N, 1, ...)``
-        makes of an unbatched rule-op output t with a leading size of 1 or none (XCiT's Fourier
-        position encoding: a convolution of a fixed grid, ``.repeat(B, 1, 1, 1)``), else None."""
-        if kwargs or len(args) < 2 or not isinstance(args[0], Tensor):
-            return None
-        t, sizes = args[0], args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
-            sizes = tuple(sizes[0])
-        pad = len(sizes) - t.dim()
-        if not all(isinstance(s, int) for s in sizes) or sizes[0] != self.n or pad not in (0, 1):
-            return None
-        rest = (1,) * pad + tuple(t.shape)
-        keep = (lambda s, k: s == 1) if func is Tensor.repeat else (lambda s, k: s in (-1, k))
-        if rest[0] != 1 or not all(keep(s, k) for s, k in zip(sizes[1:], rest[1:])):
-            return None
-        return self._expanded(t, len(sizes))
-
-    def _follow(self, func, args, kwargs, out):
-        """Record ``out``, a view op's result on an unbatched rule-op output (or on a view of
-        one), with the view ops that lead to it from that output (see ``_expanded``)."""
-        if not isinstance(out, Tensor):
-            return
-        for i, base in enumerate(args):
-            if not isinstance(base, Tensor):
-                continue
-            entry = self.unbatched.get(id(base))
-            if entry is not None and entry[1] is base:
-                root, chain = base, ()
-                break
-            entry = self.derived.get(id(base))
-            if entry is not None and entry[0] is base:
-                root, chain = entry[1], entry[2]
-                break
-        else:
-            return
-        others = [a for j, a in enumerate(_flat((args, kwargs))) if a is not base]
-        if any(isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == self.n for a in others):
-            return  # it meets batched data here: not a view of it alone
-        self.derived[id(out)] = (out, root, chain + ((func, i, tuple(args), kwargs),))
-
-    def _expanded(self, t: Tensor, dim: int):
-        """The per-example expansion of t, an unbatched rule-op output or a view of one, with
-        ``dim`` dims (``_derived_expanded`` for views), or None. Made once per tensor: later
-        uses (T5's position bias, computed in the first layer and used by every layer) get the
-        same expansion."""
-        done = self.expansions.get((id(t), dim))
-        if done is not None and done[0] is t:
-            return done[1]
-        entry = self.derived.get(id(t))
-        if entry is not None and entry[0] is t:
-            rep = self._derived_expanded(t, entry[1], entry[2], dim)
-        else:
-            rep = self._direct_expanded(t, dim)
-        if rep is not None:
-            self.expansions[(id(t), dim)] = (t, rep)
-        return rep
-
-    def _derived_expanded(self, v: Tensor, t: Tensor, chain, dim: int):
-        """v = chain(t), t an unbatched output of a position-wise rule op: t gets a new leading
-        example dim (its call's input likewise; once per t, shared by all its views), and the
-        view ops run on each example's copy (``torch.vmap``), giving v as [N, ...] with ``dim``
-        dims (a leading 1 of v dropped)."""
-        pad = dim - v.dim()
-        if pad not in (0, 1) or (pad == 0 and v.shape[0] != 1):
-            return None
-        done = self.roots.get(id(t))
-        if done is not None and done[0] is t:
-            rep = done[1]
-        else:
-            entry = self.unbatched.get(id(t))
-            if entry is None or entry[1] is not t:
-                return None
-            call = entry[0]
-            if call.origin is not None or len(call.edges) != 1 or not call.position_wise:
-                return None
-            with torch._C.DisableTorchFunction():
-                rep = t.unsqueeze(0).expand(self.n, *t.shape)
-                x = call.args[0]
-                call.args = (x.unsqueeze(0).expand(self.n, *x.shape),) + tuple(call.args[1:])
-                call.origin = call.edges[0]
-                call.edges = [get_gradient_edge(rep)]
-            del self.unbatched[id(t)]
-            self.roots[id(t)] = (t, rep)
-
-        def views(u):
-            for func, i, args, kwargs in chain:
-                u = func(*args[:i], u, *args[i + 1:], **kwargs)
-            return u
-        with torch._C.DisableTorchFunction():
-            out = torch.vmap(views)(rep)
-        return out.squeeze(1) if pad == 0 else out
-
-    def _direct_expanded(self, t: Tensor, dim: int):
-        """t, an unbatched rule-op output, viewed with ``dim`` dims and expanded to the batch
-        (None unless t is one and has a leading size of 1, or ``dim - 1`` dims). The op's call
-        is re-pointed at the expansion, with its inputs expanded alike, so its rule sees an
-        ordinary per-example call whose delta row i is d l_i / d t; the delta pass checks that
-        t has no other use (``origin``)."""
-        entry = self.unbatched.get(id(t))
-        if entry is None or entry[1] is not t:
-            return None
-        call, pad = entry[0], dim - t.dim()
-        if (call.origin is not None or len(call.edges) != 1 or pad not in (0, 1)
-                or (pad == 0 and t.shape[0] != 1)):
-            return None
-        with torch._C.DisableTorchFunction():
-            n = self.n
-            rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
-            x = call.args[0]
-            call.args = (x.reshape((1,) * pad + tuple(x.shape)).expand(n, *([-1] * (x.dim() + pad - 1))),
-                         ) + tuple(call.args[1:])
-            call.origin = call.edges[0]
-            call.edges = [get_gradient_edge(rep)]
-        del self.unbatched[id(t)]
-        return rep
-
     def _standardized(self, conv) -> bool:
         """A convolution inside a weight-standardized convolution module (its weight is a
         function of that module's own weight alone, so the delta pass needs no gradient
@@ -679,7 +515,7 @@ class Recording:
                 self.calls.append(call)
                 if (isinstance(out, Tensor) and self.n is not None and self.n > 1
                         and (out.dim() == 0 or out.shape[0] != self.n)):
-                    self.unbatched[id(out)] = (call, out)
+                    self.unbatched.add(call, out)
             covered = set(names.values())
             used = [a for a in used if id(a) not in covered]
         if used and not any(t.requires_grad for t in _float_tensors(out)):
