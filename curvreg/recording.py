@@ -490,7 +490,7 @@ class Recording:
                 and not (self._stack and type(self._stack[-1][0]) in self.module_rules)):
             self.transposed[id(out)] = [out, used[0], False, False]  # see _as_linear
             return
-        for t in _op_args(args, kwargs, parameters=False):
+        for t in _op_args(args, kwargs, parameters=False) if self.transposed else ():
             entry = self.transposed.get(id(t))
             if entry is not None and entry[0] is t:  # another use of W.T: W's, by this module
                 entry[3] = True
