@@ -372,8 +372,6 @@ MATCHERS = {
 }
 
 
-# order-preserving reshapes: a parameter's view through one of these is the parameter itself,
-# reshaped, for the elementwise rules (timm ConvNeXt's ``x * gamma.reshape(1, -1, 1, 1)``)
 # x @ W.T with a parameter W [out, in] is F.linear(x, W): the tape runs it as that
 # (``Recording._as_linear``), so the Linear rule and the fused path take it
 MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
@@ -391,6 +389,8 @@ def transposes(func, args) -> bool:
     return False
 
 
+# order-preserving reshapes: a parameter's view through one of these is the parameter itself,
+# reshaped, for the elementwise rules (timm ConvNeXt's ``x * gamma.reshape(1, -1, 1, 1)``)
 VIEWS = frozenset({Tensor.reshape, torch.reshape, Tensor.view, Tensor.view_as, Tensor.reshape_as,
                    Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze, torch.squeeze,
                    Tensor.flatten, torch.flatten})
