@@ -2,8 +2,8 @@
 (or no module) makes them.
 
 ``match(func, args, kwargs, params)`` looks at one call seen by the tape's TorchFunctionMode. When
-the call is a parameter-consuming op with a rule (F.linear, F.conv1d/2d/3d, F.embedding,
-F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.batch_norm with running statistics,
+the call is a parameter-consuming op with a rule (F.linear, F.conv1d/2d/3d, F.embedding
+or ``p[idx]``, F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.batch_norm with running statistics,
 an elementwise scale/shift ``x * p`` / ``x + p`` by a broadcast parameter, ``x @ W`` /
 ``torch.addmm`` with a parameter W, or ``p.expand(N, ...)`` of a class token) it returns an
 ``OpUse``: a *shell*, a parameter-less stand-in module of the layer type whose rule applies
@@ -184,6 +184,29 @@ def _embedding(args, kwargs, params):
     return OpUse("F.embedding", shell, (idx,), ("weight",), True)
 
 
+def _lookup(args, kwargs, params):
+    """``p[idx]`` or ``torch.index_select(p, 0, idx)`` of a 2-D parameter with an integer index
+    tensor (the relative position bias tables of Swin and BEiT): ``F.embedding(idx, p)``, the
+    embedding rule's, with negative indices counted from the end as indexing does."""
+    if not args or not _tracked(args[0], params) or args[0].dim() != 2 or kwargs:
+        return None
+    if len(args) == 2:  # p[idx]
+        idx = args[1][0] if isinstance(args[1], tuple) and len(args[1]) == 1 else args[1]
+    elif len(args) == 3 and args[1] in (0, -2):  # index_select(p, 0, idx)
+        idx = args[2]
+    else:
+        return None
+    if (not isinstance(idx, Tensor) or idx.is_floating_point() or idx.is_complex()
+            or idx.dtype == torch.bool):
+        return None
+    w = args[0]
+    idx = torch.where(idx < 0, idx + w.shape[0], idx)
+    shell = _shell(nn.Embedding, {"weight": w}, num_embeddings=w.shape[0], embedding_dim=w.shape[1],
+                   padding_idx=None, scale_grad_by_freq=False, max_norm=None, norm_type=2.0,
+                   sparse=False)
+    return OpUse("indexing", shell, (idx,), ("weight",), True)
+
+
 def _layer_norm(args, kwargs, params):
     x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
     w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -359,6 +382,7 @@ MATCHERS = {
     F.linear: _linear,
     F.conv1d: _conv(1), F.conv2d: _conv(2), F.conv3d: _conv(3),
     F.embedding: _embedding,
+    Tensor.__getitem__: _lookup, torch.index_select: _lookup, Tensor.index_select: _lookup,
     F.layer_norm: _layer_norm,
     F.rms_norm: _rms_norm,
     F.group_norm: _group_norm,
@@ -394,6 +418,24 @@ def transposes(func, args) -> bool:
 VIEWS = frozenset({Tensor.reshape, torch.reshape, Tensor.view, Tensor.view_as, Tensor.reshape_as,
                    Tensor.unsqueeze, torch.unsqueeze, Tensor.squeeze, torch.squeeze,
                    Tensor.flatten, torch.flatten})
+
+
+# dtype and device casts: the result's gradient is the input's
+CASTS = frozenset({Tensor.float, Tensor.double, Tensor.half, Tensor.bfloat16, Tensor.to,
+                   Tensor.type_as})
+# shifts by a number (``p + 1``, ``1 + p``, ``p - 1``): the same
+_SHIFTS = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torch.sub,
+                     Tensor.sub, Tensor.__sub__})
+
+
+def passes_gradient(func, args, kwargs) -> bool:
+    """Whether ``func(*args, **kwargs)`` of a tensor p (``args[0]``) is p itself for the
+    elementwise rules: an order-preserving reshape (``VIEWS``), a cast, or a shift by a number
+    (Gemma's ``x * (1 + weight.float())``); its gradient is the result's, reshaped."""
+    if func in VIEWS or func in CASTS:
+        return True
+    return (func in _SHIFTS and len(args) == 2 and not kwargs
+            and isinstance(args[1], (int, float)) and not isinstance(args[1], bool))
 
 
 def match(func, args, kwargs, params, views=None) -> Optional[OpUse]:

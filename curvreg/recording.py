@@ -272,13 +272,14 @@ class Recording:
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
         self._bn_inside: set = set()  # ids of the module calls that ran such a normalization
-        # id of a reshaped view of a parameter (ops.VIEWS) -> (view, Parameter, module that made
+        # id of a view of a parameter (ops.passes_gradient) -> (view, Parameter, module that made
         # it): consumed by an elementwise rule as the parameter itself, otherwise a use of the
         # parameter (see _on_op, _post_hook and the view check in _deltas)
         self.views: Dict[int, tuple] = {}
         # id(W.T) -> [W.T, W, consumed by a matmul taken as F.linear, used by another op]
         self.transposed: Dict[int, list] = {}
         self.view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
+        self.view_parents: Dict[int, Tensor] = {}  # view id -> the view it was made from
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
         self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
         self.funcs: set = set()  # every torch function the forward called (curvreg.probe)
@@ -477,13 +478,34 @@ class Recording:
                 "in a matmul (taken as F.linear) and in another op; per-example gradients of "
                 "the two uses cannot be separated. Transpose it separately for each use.")
 
+    def _view_source(self, func, args, kwargs, used, views, out) -> Optional[nn.Parameter]:
+        """The parameter whose view ``out`` is (``ops.passes_gradient`` applied to the parameter,
+        or to a recorded view of it: Gemma's ``1 + weight.float()``), else None."""
+        if not args or not self._stack or not isinstance(out, Tensor) or len(used) + len(views) != 1:
+            return None
+        param = used[0] if used else views.get(id(args[0]))
+        if param is None or (used and args[0] is not param):
+            return None
+        return param if ops.passes_gradient(func, args, kwargs) else None
+
     def _on_op(self, func, args, kwargs, out):
         used = [a for a in _op_args(args, kwargs, parameters=True) if id(a) in self.params]
         views = {id(t): entry[1] for t in _op_args(args, kwargs, parameters=False)
                  for entry in [self.views.get(id(t))] if entry is not None and entry[0] is t}
-        if (func in ops.VIEWS and len(used) == 1 and not views and args and args[0] is used[0]
-                and isinstance(out, Tensor) and self._stack):
-            self.views[id(out)] = (out, used[0], self._stack[-1][0])  # see _post_hook
+        if args and out is args[0] and (used or views):
+            if func in ops.CASTS:
+                return  # a cast to the dtype it has: the tensor itself
+            if views:
+                raise ValueError(
+                    f"module '{self._where()}' modifies a view of parameter "
+                    f"'{self.params[id(next(iter(views.values())))][0]}' in place "
+                    f"({torch.overrides.resolve_name(func) or func}); the elementwise rules take "
+                    "such a view as the parameter itself. Use an out-of-place op.")
+        source = self._view_source(func, args, kwargs, used, views, out)
+        if source is not None:  # see _post_hook
+            self.views[id(out)] = (out, source, self._stack[-1][0])
+            if not used:
+                self.view_parents[id(out)] = args[0]
             return
         if (len(used) == 1 and not views and ops.transposes(func, args) and args[0] is used[0]
                 and isinstance(out, Tensor)
@@ -511,7 +533,10 @@ class Recording:
                 call = Call(use.shell, self._where(), use.inputs, None, out, names,
                             True, op=use.op, position_wise=use.position_wise)
                 for k in (use.owners or {}):
-                    self.view_calls.setdefault(id(use.shell._parameters[k]), []).append(call)
+                    view = use.shell._parameters[k]
+                    while view is not None:  # the view and the views it was made from
+                        self.view_calls.setdefault(id(view), []).append(call)
+                        view = self.view_parents.get(id(view))
                 self.calls.append(call)
                 if (isinstance(out, Tensor) and self.n is not None and self.n > 1
                         and (out.dim() == 0 or out.shape[0] != self.n)):

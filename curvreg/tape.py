@@ -263,7 +263,7 @@ class GradNormTape:
                 if d and d[0] is not None:
                     args, delta = example_view(c, d[0], n)
                     g = self._rule(c).grads(c.module, args, delta, ["weight"], 1)["weight"]
-                    covered = covered + g.detach().sum(0).reshape(view.shape)
+                    covered = covered + g.detach().sum(0).reshape(view.shape).to(view.dtype)
             tol = 1000 * torch.finfo(total.dtype).eps
             if not torch.allclose(covered, total.detach(), rtol=tol,
                                   atol=tol * float(total.detach().abs().max())):

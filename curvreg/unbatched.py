@@ -13,6 +13,9 @@ its rule sees an ordinary per-example call. t meets the batch
   ``tile``),
 - as the ``attn_mask`` of ``scaled_dot_product_attention`` (``batched_mask``),
 
+where the batch may also be merged with another axis, example-major (window attention's
+[N * W, ...]: each example's copy is repeated over its windows),
+
 directly or through a chain of view ops on it (``follow``; replayed on each example's copy of t
 by ``torch.vmap``). Each tensor is expanded once and every later use gets the same expansion. Any
 other use of t is caught at the delta pass: the gradient at t (the call's ``origin``) must equal
@@ -67,8 +70,8 @@ class Unbatched:
         a, b = args
         for i, (t, other) in enumerate(((a, b), (b, a))):
             if (isinstance(t, Tensor) and isinstance(other, Tensor) and other.dim() >= t.dim()
-                    and other.dim() > 0 and other.shape[0] == n):
-                rep = self._expansion(t, other.dim(), n)
+                    and other.dim() > 0 and _batched(other.shape[0], n)):
+                rep = self._merged(t, other.dim(), n, other.shape[0])
                 if rep is not None:
                     return (rep, b) if i == 0 else (a, rep)
         return args
@@ -98,9 +101,9 @@ class Unbatched:
         query = args[0] if args else kwargs.get("query")
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if (not isinstance(query, Tensor) or not isinstance(mask, Tensor) or query.dim() == 0
-                or query.shape[0] != n or mask.dim() > query.dim()):
+                or not _batched(query.shape[0], n) or mask.dim() > query.dim()):
             return args, kwargs
-        rep = self._expansion(mask, query.dim(), n)
+        rep = self._merged(mask, query.dim(), n, query.shape[0])
         if rep is None:
             return args, kwargs
         if len(args) > 3:
@@ -130,6 +133,22 @@ class Unbatched:
                for a in tree_flatten((args, kwargs))[0]):
             return
         self.views[id(out)] = (out, root, chain + ((func, i, tuple(args), kwargs),))
+
+    def _merged(self, t: Tensor, dim: int, n: int, rows: int) -> Optional[Tensor]:
+        """t's expansion to ``rows`` = k * n leading rows: each example's copy repeated k times,
+        for a batch merged with another axis, example-major (window attention's [N * W, ...],
+        which the independence check verifies); made once per (t, dim, rows)."""
+        rep = self._expansion(t, dim, n)
+        if rep is None or rows == n:
+            return rep
+        done = self.expanded.get((id(t), dim, rows))
+        if done is not None and done[0] is t:
+            return done[1]
+        with torch._C.DisableTorchFunction():
+            k = rows // n
+            out = rep.unsqueeze(1).expand(n, k, *rep.shape[1:]).reshape(rows, *rep.shape[1:])
+        self.expanded[(id(t), dim, rows)] = (t, out)
+        return out
 
     def _expansion(self, t: Tensor, dim: int, n: int) -> Optional[Tensor]:
         """t (an unbatched output or a view of one) as [n, ...] with ``dim`` dims, or None; made
@@ -196,6 +215,12 @@ class Unbatched:
             return None
         call = entry[0]
         return call if call.origin is None and len(call.edges) == 1 else None
+
+
+def _batched(size: int, n: int) -> bool:
+    """Whether a leading dim of ``size`` may carry the batch of ``n``: n itself, or n merged
+    with another axis."""
+    return size > 0 and size % n == 0
 
 
 def _repoint(call, rep: Tensor, x: Tensor) -> None:

@@ -323,6 +323,62 @@ def test_a_relative_position_bias_through_views_into_attention_is_exact(t):
         tape.per_example_sq_grad_norms(ce(out, y))
 
 
+class _WindowBias(nn.Module):
+    """Swin-style window attention: tokens [N, 2 * 3, 4] split into two windows of three,
+    merged with the batch (example-major, or example-minor with ``minor``), and a relative
+    position bias looked up from a [5, 2] table (``lookup``: how the table is indexed) added to
+    the scores, or passed as the attention mask (``sdpa``)."""
+
+    def __init__(self, lookup, minor=False, sdpa=False):
+        super().__init__()
+        self.lookup, self.minor, self.sdpa = lookup, minor, sdpa
+        self.table = nn.Parameter(torch.randn(5, 2))
+        pos = torch.arange(3)
+        self.register_buffer("rel", (pos[None, :] - pos[:, None]).flatten())  # -2 .. 2
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def _bias(self):
+        idx = self.rel + 2
+        bias = {"negative": lambda: self.table[self.rel],  # indices counted from the end
+                "index": lambda: self.table[idx], "tuple": lambda: self.table[(idx,)],
+                "index_select": lambda: torch.index_select(self.table, 0, idx),
+                "mask": lambda: self.table[torch.ones(5, dtype=torch.bool)][idx]}[self.lookup]()
+        return bias.view(3, 3, 2).permute(2, 0, 1).contiguous().unsqueeze(0)  # [1, heads, 3, 3]
+
+    def forward(self, x):  # [N, 6, 4]
+        n = x.shape[0]
+        w = x.reshape(n, 2, 3, 4)
+        w = (w.transpose(0, 1) if self.minor else w).reshape(2 * n, 3, 4)  # [2N, 3, 4]
+        q, k, v = self.qkv(w).reshape(2 * n, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        if self.sdpa:
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias())
+        else:
+            h = torch.softmax(q @ k.transpose(-2, -1) + self._bias(), -1) @ v
+        h = h.transpose(1, 2).reshape(*((2, n) if self.minor else (n, 2)), 3, 4)
+        return self.head(torch.tanh(h.transpose(0, 1) if self.minor else h).mean((1, 2)))
+
+
+@pytest.mark.parametrize("lookup", ["negative", "index", "tuple", "index_select"])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_a_relative_position_bias_in_window_attention_is_exact(lookup, sdpa):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 6, 4, dtype=torch.double), torch.tensor([0, 1, 2])
+    tape, _ = exact_against_loop(_WindowBias(lookup, sdpa=sdpa).double(), x, y)
+    assert tape.methods == {"qkv": "exact", "<root>": "exact", "head": "exact"}
+    with curvreg.GradNormTape(_WindowBias(lookup, minor=True, sdpa=sdpa).double()) as tape:
+        out = tape.model(x)
+    with pytest.raises(ValueError, match=r"not independent at op (indexing|F\.linear)"):
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+def test_a_boolean_mask_lookup_takes_the_loop():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 6, 4, dtype=torch.double), torch.tensor([0, 1, 2])
+    with pytest.warns(curvreg.FallbackWarning, match=r"module '<root>' \(_WindowBias\)"):
+        tape, _ = exact_against_loop(_WindowBias("mask").double(), x, y)
+    assert "fallback" in tape.methods["<root>"]
+
+
 def test_torch_compile_refused():
     with pytest.raises(TypeError, match="torch.compile"):
         curvreg.GradNormTape(torch.compile(nn.Linear(3, 2)))
@@ -622,6 +678,52 @@ def test_parameter_view_used_outside_its_rule(mode, refusal):
             return
         with pytest.raises(ValueError, match=refusal):
             tape.per_example_sq_grad_norms(loss(out, y))
+
+
+class _ShiftedScale(nn.Module):
+    """A Gemma-style scale: tokens times a view of a per-channel parameter (``1 + w.float()``
+    and other casts, shifts and reshapes), the view's parent used elsewhere too (``parent``),
+    modified in place (``inplace``), or negated (``1 - w``: not the parameter itself)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.lin, self.w = mode, nn.Linear(3, 4), nn.Parameter(torch.randn(4) * 0.1)
+
+    def forward(self, x):  # [N, T, 3]
+        w, h = self.w, self.lin(x)
+        parent = w.float() if self.mode == "parent" else None
+        scale = {"gemma": lambda: 1.0 + w.float(), "shift": lambda: (w.view(1, 4) + 1).to(x.dtype),
+                 "sub": lambda: (w - 1).reshape(1, 1, 4), "negated": lambda: 1 - w,
+                 "parent": lambda: 1.0 + parent, "inplace": lambda: (1.0 + w).mul_(2)}[self.mode]()
+        out = (h * scale.to(h.dtype)).mean(1)
+        return (out, parent) if self.mode == "parent" else out
+
+
+@pytest.mark.parametrize("mode", ["gemma", "shift", "sub", "negated"])
+def test_a_parameter_through_casts_and_shifts_takes_the_elementwise_rule(mode):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        tape, _ = exact_against_loop(_ShiftedScale(mode).double(), x, y,
+                                     rtol=1e-6 if mode == "gemma" else 1e-10)  # float32 scale
+    assert tape.methods["<root>"] == ("fallback" if mode == "negated" else "exact")
+
+
+@pytest.mark.parametrize("mode, refusal", [
+    ("parent", r"parameter 'w' is used through a reshaped view that an elementwise rule consumes "
+               r"and that is also used elsewhere"),
+    ("inplace", r"module '<root>' modifies a view of parameter 'w' in place \(torch\.Tensor\.mul_\)"),
+])
+def test_a_parameter_view_used_twice_or_modified_in_place_refused(mode, refusal):
+    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    model = _ShiftedScale(mode).double()
+    with pytest.raises(ValueError, match=refusal):
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        if mode == "parent":  # the parent view leaves the module and is used by the loss
+            out = out[0] * out[1].sum().double()
+        tape.per_example_sq_grad_norms(ce(out, y))
 
 
 @pytest.mark.parametrize("estimator", ["exact", "probe", "hybrid"])

@@ -42,8 +42,8 @@ def _tv_vit():
 
 def _tv_swin():
     from torchvision.models.swin_transformer import SwinTransformer
-    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
-                           window_size=[2, 2], num_classes=3)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[1, 2],
+                           window_size=[2, 2], num_classes=3)  # the second block shifts
 
 
 def _tv_convnext():
@@ -118,8 +118,10 @@ ZOO = {
     # BatchNorm1d (eval) on [N*T, C] token rows after each linear, attention biases
     "timm_levit": (_timm("levit_128s", img_size=32, embed_dim=(16, 24, 32), key_dim=8,
                          num_heads=(2, 2, 2), depth=(1, 1, 1)), images(s=32)),
+    # window attention on [N * W, ...] with a relative position bias table; the second block
+    # of the first stage shifts its windows (an attention mask per window)
     "timm_swin": (_timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=4, embed_dim=8,
-                        depths=(1, 1), num_heads=(1, 2), window_size=2), images(s=16)),
+                        depths=(2, 1), num_heads=(1, 2), window_size=2), images(s=16)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),
     "timm_regnet": (_timm("regnetx_002"), images(s=16)),
     # Hugging Face transformers
@@ -167,6 +169,9 @@ ZOO = {
     "hf_mobilevit": (_hf("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                          hidden_sizes=[8, 8, 8], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
                          num_attention_heads=2), images(s=32)),  # patches unfolded into tokens
+    # window attention ([N * W, ...]) with a relative position bias table, shifted windows
+    "hf_swin": (_hf("SwinConfig", "SwinForImageClassification", image_size=16, patch_size=4,
+                    embed_dim=8, depths=[2, 1], num_heads=[1, 2], window_size=2), images(s=16)),
     "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8,
                    hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=16), images(s=16)),
