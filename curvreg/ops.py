@@ -63,6 +63,18 @@ def _arg(args, kwargs, i, name, default=None):
     return kwargs.get(name, default)
 
 
+def op_args(args, kwargs, parameters: bool):
+    """The Parameters (``parameters=True``) or the plain tensors among an op's arguments, one
+    level into lists/tuples, as torch ops take them."""
+    def pick(a):
+        return isinstance(a, Tensor) and isinstance(a, nn.Parameter) == parameters
+    for a in (*args, *kwargs.values()):
+        if pick(a):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (b for b in a if pick(b))
+
+
 def _tracked(t, params) -> bool:
     return isinstance(t, nn.Parameter) and id(t) in params
 

@@ -20,7 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention, batchnorm, fused, ops, shared_forward, taped_conv, taped_gelu, unbatched
+from . import (attention, batchnorm, derived, fused, ops, shared_forward, taped_conv, taped_gelu,
+               unbatched)
 from .probe import LINEAR_IN_PARAMS
 from .rules import std_conv
 
@@ -128,8 +129,13 @@ class _UsageMode(TorchFunctionMode):
             elif (func in unbatched.TILING
                   and (rep := rec.unbatched.tile(func, args, kwargs, rec.n)) is not None):
                 return rep.contiguous() if func is Tensor.repeat else rep
-        if func in ops.MATMULS and rec.transposed and (linear := rec._as_linear(args, kwargs)):
-            func, args, kwargs = F.linear, linear, {}
+        if rec.derived:  # x @ W.T as F.linear; a bias joined by torch.cat piece by piece
+            if func in ops.MATMULS and (linear := rec.derived.as_linear(args, kwargs)):
+                func, args, kwargs = F.linear, linear, {}
+            if (func is F.linear or func in derived.SUMS) and (
+                    thunk := rec.derived.joined(func, args, kwargs)) is not None:
+                with self:  # re-enter: the linear and the sums inside are recorded as rule ops
+                    return thunk()
         conv = taped_conv.conv_args(func, args, kwargs)
         if shared is not None:  # forward mode: the plain op, on the probed parameters' duals
             with torch._C.DisableTorchFunction():
@@ -209,18 +215,6 @@ def _example_dims(module: nn.Module, outputs: List[Tensor]) -> List[int]:
     return [0] * len(outputs)
 
 
-def _op_args(args, kwargs, parameters: bool):
-    """The Parameters (``parameters=True``) or the plain tensors among an op's arguments, one
-    level into lists/tuples, as torch ops take them."""
-    def pick(a):
-        return isinstance(a, Tensor) and isinstance(a, nn.Parameter) == parameters
-    for a in (*args, *kwargs.values()):
-        if pick(a):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (b for b in a if pick(b))
-
-
 # dense ops that may take the fused weight-gradient path (curvreg.fused)
 _FUSABLE = frozenset({F.linear, torch.addmm})
 
@@ -276,8 +270,8 @@ class Recording:
         # it): consumed by an elementwise rule as the parameter itself, otherwise a use of the
         # parameter (see _on_op, _post_hook and the view check in _deltas)
         self.views: Dict[int, tuple] = {}
-        # id(W.T) -> [W.T, W, consumed by a matmul taken as F.linear, used by another op]
-        self.transposed: Dict[int, list] = {}
+        # W.T and torch.cat of biases: consumed by a rewrite, or ordinary uses (curvreg.derived)
+        self.derived = derived.DerivedUses(self.params)
         self.view_calls: Dict[int, list] = {}  # view id -> the rule calls that consumed it
         self.view_parents: Dict[int, Tensor] = {}  # view id -> the view it was made from
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
@@ -459,25 +453,6 @@ class Recording:
                                        op="F.batch_norm (batch statistics)"))
         return out
 
-    def _as_linear(self, args, kwargs):
-        """``(x, W)`` for ``x @ W.T`` (any matmul spelling) with ``W.T`` a recorded transpose of a
-        parameter, else None."""
-        if kwargs or len(args) != 2 or not isinstance(args[0], Tensor) or args[0].dim() < 1:
-            return None
-        entry = self.transposed.get(id(args[1])) if isinstance(args[1], Tensor) else None
-        if entry is None or entry[0] is not args[1]:
-            return None
-        entry[2] = True
-        self._check_transposed(entry)
-        return args[0], entry[1]
-
-    def _check_transposed(self, entry):
-        if entry[2] and entry[3]:
-            raise ValueError(
-                f"parameter '{self.params[id(entry[1])][0]}' is used through its transpose both "
-                "in a matmul (taken as F.linear) and in another op; per-example gradients of "
-                "the two uses cannot be separated. Transpose it separately for each use.")
-
     def _view_source(self, func, args, kwargs, used, views, out) -> Optional[nn.Parameter]:
         """The parameter whose view ``out`` is (``ops.passes_gradient`` applied to the parameter,
         or to a recorded view of it: Gemma's ``1 + weight.float()``), else None."""
@@ -489,8 +464,8 @@ class Recording:
         return param if ops.passes_gradient(func, args, kwargs) else None
 
     def _on_op(self, func, args, kwargs, out):
-        used = [a for a in _op_args(args, kwargs, parameters=True) if id(a) in self.params]
-        views = {id(t): entry[1] for t in _op_args(args, kwargs, parameters=False)
+        used = [a for a in ops.op_args(args, kwargs, parameters=True) if id(a) in self.params]
+        views = {id(t): entry[1] for t in ops.op_args(args, kwargs, parameters=False)
                  for entry in [self.views.get(id(t))] if entry is not None and entry[0] is t}
         if args and out is args[0] and (used or views):
             if func in ops.CASTS:
@@ -507,17 +482,11 @@ class Recording:
             if not used:
                 self.view_parents[id(out)] = args[0]
             return
-        if (len(used) == 1 and not views and ops.transposes(func, args) and args[0] is used[0]
-                and isinstance(out, Tensor)
-                and not (self._stack and type(self._stack[-1][0]) in self.module_rules)):
-            self.transposed[id(out)] = [out, used[0], False, False]  # see _as_linear
+        if (not views and not (self._stack and type(self._stack[-1][0]) in self.module_rules)
+                and self.derived.record(func, args, kwargs, used, out)):
             return
-        for t in _op_args(args, kwargs, parameters=False) if self.transposed else ():
-            entry = self.transposed.get(id(t))
-            if entry is not None and entry[0] is t:  # another use of W.T: W's, by this module
-                entry[3] = True
-                self._check_transposed(entry)
-                used += [entry[1]] if all(entry[1] is not a for a in used) else []
+        if self.derived:  # another use of W.T or of a join: its parameters', by this module
+            used += [p for p in self.derived.other_uses(args, kwargs) if all(p is not a for a in used)]
         used += [p for p in views.values() if all(p is not a for a in used)]
         if not used:
             return

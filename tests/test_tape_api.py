@@ -519,6 +519,54 @@ def test_a_transposed_weight_used_elsewhere_too():
             model(x)
 
 
+class _JoinedBias(nn.Module):
+    """BEiT/EVA-style attention input: q, k, v biases (k's a zero buffer) joined by torch.cat
+    into one bias of F.linear (``use="linear"``; keyword arguments: ``"keywords"``) or of a
+    sum with the projection (``"sum"``), also used in an op no rule covers (``"also"``), or
+    only there (``"only"``)."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.lin = use, nn.Linear(4, 6, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.register_buffer("k_bias", torch.zeros(2))
+
+    def forward(self, x):  # [N, T, 4]
+        b = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        w = self.lin.weight
+        if self.use in ("linear", "also"):
+            y = F.linear(x, w, b)
+        elif self.use == "keywords":
+            y = F.linear(x, weight=w, bias=b)
+        elif self.use == "sum":
+            y = b + self.lin(x)
+        else:  # "only"
+            y = self.lin(x) * torch.sigmoid(b)
+        return y + torch.sin(b).sum() if self.use == "also" else y
+
+
+@pytest.mark.parametrize("use", ["linear", "keywords", "sum", "only"])
+def test_biases_joined_by_cat_take_the_elementwise_rule_piece_by_piece(use):
+    torch.manual_seed(0)
+    model = nn.Sequential(_JoinedBias(use), nn.Tanh(), nn.Flatten(), nn.Linear(18, 2)).double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.double), torch.tensor([0, 1, 1, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        tape, _ = exact_against_loop(model, x, y, rtol=1e-12)
+    assert tape.methods["0"] == ("fallback" if use == "only" else "exact")
+    with curvreg.GradNormTape(model) as tape:  # the values are the model's
+        out = model(x)
+    assert torch.allclose(out, model(x), rtol=1e-14, atol=0)
+
+
+def test_biases_joined_by_cat_used_both_ways_refused():
+    model = nn.Sequential(_JoinedBias("also"), nn.Flatten(), nn.Linear(18, 2)).double()
+    with pytest.raises(ValueError, match=r"parameters '0\.q_bias', '0\.v_bias' are joined by "
+                                         r"torch\.cat into one tensor used both as a bias"):
+        with curvreg.GradNormTape(model):
+            model(torch.randn(5, 3, 4, dtype=torch.double))
+
+
 def test_parameter_used_outside_modules_rejected():
     model, x, y = build("mlp", n=3)
     with curvreg.GradNormTape(model) as tape:

@@ -33,8 +33,7 @@ TOLERANCE = {"hf_llama": 1e-6, "hf_gemma": 1e-6}
 # every other architecture runs on rules alone. A change either way fails, so improvements and
 # regressions are both noticed (and this list and the README's are updated together).
 FALLBACK = {
-    "timm_beit": {"blocks.0.attn"},                   # q/k/v biases joined by torch.cat
-    "nn_lstm": {"gru", "rnn"},                        # recurrent cells
+    "nn_lstm": {"gru", "rnn"},  # recurrent cells
 }
 
 

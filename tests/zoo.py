@@ -110,6 +110,8 @@ ZOO = {
     "timm_mixer": (lambda: _timm_mixer(), images(s=16)),
     "timm_cait": (_timm("cait_xxs24_224", **_TIMM_VIT, depth_token_only=1), images(s=16)),
     "timm_beit": (_timm("beit_base_patch16_224", **_TIMM_VIT), images(s=16)),
+    # rotary position embeddings, SwiGLU, q/k/v biases joined by torch.cat (as BEiT's)
+    "timm_eva02": (_timm("eva02_tiny_patch14_224", **_TIMM_VIT), images(s=16)),
     # convolutional patch embedding (conv + BatchNorm, then flatten(2).transpose(1, 2)), a
     # Fourier position encoding tiled over the batch with .repeat, cross-covariance attention
     "timm_xcit": (_timm("xcit_nano_12_p16_224", **_TIMM_VIT), images(s=16)),
