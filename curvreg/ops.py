@@ -319,6 +319,23 @@ class ElementwiseAffine(nn.Module):
         return x * self.weight if self.kind == "mul" else x + self.weight
 
 
+class ParamFunction(nn.Module):
+    """Shell for a tensor P computed from parameters and constants alone (no example dimension:
+    Swin-V2's continuous position bias, an MLP on a fixed coordinate table; a clamped and
+    exponentiated logit scale), where it meets the batch (``curvreg.unbatched``). It holds P's
+    parameters (``p0``, ``p1``, ...) and P itself (``output``); example i's gradient is the
+    vector-Jacobian product of P with d l_i / d P."""
+
+    def __init__(self, output: Tensor, params: list):
+        super().__init__()
+        self.output = output
+        for i, p in enumerate(params):
+            self._parameters[f"p{i}"] = p
+
+    def forward(self):
+        return self.output
+
+
 class NormalizedAffine(nn.Module):
     """Shell for the affine step ``xhat * w + b`` of a BatchNorm that normalizes with its batch
     statistics (``GradNormTape(batch_norm=...)``), its input ``xhat`` already normalized.

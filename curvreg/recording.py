@@ -39,11 +39,14 @@ class Call:
     """
 
     __slots__ = ("module", "path", "args", "kwargs", "edges", "outputs", "index", "versions",
-                 "names", "keys", "op", "position_wise", "dims", "origin", "kept")
+                 "names", "keys", "op", "position_wise", "dims", "origin", "kept", "chain_names")
 
     def __init__(self, module, path, args, kwargs, output, used: Dict[str, int], by_rule: bool,
-                 op: Optional[str] = None, position_wise: bool = False, keep_output: bool = False):
+                 op: Optional[str] = None, position_wise: bool = False, keep_output: bool = False,
+                 chain_names: frozenset = frozenset()):
         self.module, self.path, self.args, self.kwargs = module, path, args, kwargs
+        # names used only by ops of functions of parameters alone (curvreg.unbatched)
+        self.chain_names = chain_names
         self.op, self.position_wise = op, position_wise  # op: set for op-level calls (curvreg.ops)
         self.origin = None  # for an output expanded to the batch: the edge of the unexpanded one
         floats = _float_tensors(output)
@@ -122,6 +125,9 @@ class _UsageMode(TorchFunctionMode):
                 with self:  # re-enter: the projections inside are recorded as rule ops
                     return thunk()
         if rec.unbatched:  # outputs without an example dimension meeting the batch
+            if func is F.linear and (thunk := rec.unbatched.linear_bias(args, kwargs)) is not None:
+                with self:  # re-enter: the linear and the sum are recorded
+                    return thunk()
             if func in unbatched.BROADCASTING and len(args) == 2:
                 args = rec.unbatched.broadcast(args, rec.n)
             elif func is F.scaled_dot_product_attention:
@@ -147,7 +153,7 @@ class _UsageMode(TorchFunctionMode):
                         out = batchnorm.explicit(call_args, call_kwargs, update=True)
                 else:
                     out = func(*call_args, **call_kwargs)
-        elif (func in _FUSABLE
+        elif (func in _FUSABLE and not (rec.unbatched and rec.unbatched.holds(args))
               and (dense := fused.fusable(func, args, kwargs, rec.params, rec.fuse_linear))):
             holder = fused.Holder()
             rec.holders.append(holder)
@@ -261,7 +267,8 @@ class Recording:
         self.n: Optional[int] = None
         # rule-op outputs without an example dim (position tables looked up with [1, T] ids)
         # until they meet the batch (curvreg.unbatched)
-        self.unbatched = unbatched.Unbatched()
+        self.unbatched = unbatched.Unbatched(self.params)
+        self.unbatched.meet = self._meet
         self.bn_reach: List[frozenset] = []  # per batch-statistics normalization: the ids of
         # the parameters used before it (see curvreg.batchnorm)
         self._seen: set = set()       # ids of the parameters used so far in the forward
@@ -347,7 +354,7 @@ class Recording:
         if module is self.model:
             self._check_batch(args)
             self._enter_root(args)
-        self._stack.append([module, {}])
+        self._stack.append([module, {}, set()])  # module, names used, names used by chains only
 
     def _enter_root(self, args):
         self.root_calls += 1
@@ -383,12 +390,14 @@ class Recording:
                     # no rule consumed this view: the view op was an ordinary use by ``module``
                     self._attribute(module, param, view)
                     del self.views[vid]
-        _, used = self._stack.pop()
+        if module is self.model and self.unbatched:
+            self.unbatched.spoil(_flat(output))  # such tensors leave the model
+        _, used, chain_only = self._stack.pop()
         if used:
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
-                self._record(module, args, kwargs, output, used)
+                self._record(module, args, kwargs, output, used, frozenset(chain_only))
 
-    def _record(self, module, args, kwargs, output, used):
+    def _record(self, module, args, kwargs, output, used, chain_only=frozenset()):
         # A module rule (passed by the user) or a closed-form probe tangent needs no outputs; the
         # fallback and the probes' generic jvp re-run the module and compare with them.
         by_rule = type(module) in self.module_rules and (self.estimator == "exact"
@@ -406,7 +415,8 @@ class Recording:
                 "the per-example loop cannot re-run it one example at a time. Give it a rule "
                 "(GradNormTape(rules=...)), or put its BatchNorm in eval mode.")
         self.calls.append(Call(module, _path(self.paths, module), args, kwargs, output,
-                               used, by_rule, keep_output=type(module) in self.output_rules))
+                               used, by_rule, keep_output=type(module) in self.output_rules,
+                               chain_names=chain_only))
 
     def _standardized(self, conv) -> bool:
         """A convolution inside a weight-standardized convolution module (its weight is a
@@ -433,7 +443,7 @@ class Recording:
         """F.batch_norm with batch statistics under ``batch_norm=...`` (``curvreg.batchnorm``):
         the normalization through gates, then its affine step recorded as an op call."""
         with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
-            self._bn_inside.update(id(module) for module, _ in self._stack)
+            self._bn_inside.update(id(frame[0]) for frame in self._stack)
             norm, w, b = batchnorm.normalize(args, kwargs, self.switch)
             xhat = norm.xhat
             self.bn_reach.append(frozenset(self._seen))
@@ -481,6 +491,7 @@ class Recording:
             self.views[id(out)] = (out, source, self._stack[-1][0])
             if not used:
                 self.view_parents[id(out)] = args[0]
+            self.unbatched.spoil(ops.op_args(args, kwargs, parameters=False))
             return
         if (not views and not (self._stack and type(self._stack[-1][0]) in self.module_rules)
                 and self.derived.record(func, args, kwargs, used, out)):
@@ -488,12 +499,16 @@ class Recording:
         if self.derived:  # another use of W.T or of a join: its parameters', by this module
             used += [p for p in self.derived.other_uses(args, kwargs) if all(p is not a for a in used)]
         used += [p for p in views.values() if all(p is not a for a in used)]
+        module = self._stack[-1][0] if self._stack else None
+        ruled = module is None or type(module) not in self.module_rules
+        chain = (bool(used) or bool(self.unbatched)) and self.unbatched.chain(
+            args, kwargs, used, lambda: ruled and ops.match(func, args, kwargs, self.params) is not None,
+            func in unbatched.VIEW_CHAIN, out)
         if not used:
             return
         self._seen.update(id(a) for a in used)
-        module = self._stack[-1][0] if self._stack else None
         use = None
-        if module is None or type(module) not in self.module_rules:
+        if ruled:
             use = ops.match(func, args, kwargs, self.params, views)
         if use is not None:  # an op rule covers these parameters (see also covered)
             with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
@@ -507,6 +522,8 @@ class Recording:
                         self.view_calls.setdefault(id(view), []).append(call)
                         view = self.view_parents.get(id(view))
                 self.calls.append(call)
+                if chain:  # inside a function of parameters alone: settled after the forward
+                    self.unbatched.absorbed[id(call)] = call
                 if (isinstance(out, Tensor) and self.n is not None and self.n > 1
                         and (out.dim() == 0 or out.shape[0] != self.n)):
                     self.unbatched.add(call, out)
@@ -515,11 +532,12 @@ class Recording:
         if used and not any(t.requires_grad for t in _float_tensors(out)):
             return  # no gradient flows through it: p.dtype, p.shape, p.size(), a comparison...
         for a in used:
-            self._attribute(module, a, out, func)
+            self._attribute(module, a, out, func, chain)
 
-    def _attribute(self, module, a, out, func=None):
+    def _attribute(self, module, a, out, func=None, chain=False):
         """Count parameter ``a``'s use in op ``func`` (None: a view op), which no op rule
-        covers, toward ``module``'s call."""
+        covers, toward ``module``'s call (``chain``: an op of a function of parameters alone,
+        which ``settle_chains`` may take off it)."""
         entry = self.params[id(a)]
         if module is None:
             self.outside.extend((entry[0], t) for t in _float_tensors(out) if t.requires_grad)
@@ -538,7 +556,59 @@ class Recording:
                              "use cannot be attributed. Move the parameter into the module that "
                              "uses it, or use it there through an op with a rule (F.linear, "
                              "a broadcast product or sum: README, 'Supported ops').")
-        self._stack[-1][1][name] = id(a)
+        frame = self._stack[-1]
+        if not chain:
+            frame[2].discard(name)
+        elif name not in frame[1]:
+            frame[2].add(name)
+        frame[1][name] = id(a)
+
+    def _meet(self, t: Tensor, rep: Tensor, params: list) -> Call:
+        """Record the ``ParamFunction`` call where function of parameters ``t`` met the batch
+        as ``rep`` (``curvreg.unbatched``)."""
+        shell = ops.ParamFunction(t, params)
+        call = Call(shell, self._where(), (), None, rep, {f"p{i}": id(p) for i, p in enumerate(params)},
+                    True, op="function of parameters")
+        call.origin = get_gradient_edge(t)
+        self.calls.append(call)
+        return call
+
+    def settle_chains(self) -> None:
+        """After the forward: take the functions of parameters alone that met the batch by their
+        ``ParamFunction`` calls, or leave the forward's ordinary record. A meeting stands if none
+        of its parameters is spoiled (a function of it went into another op or out of the
+        model), used by a module in an op outside such functions, used outside modules, or
+        taken by a rule call that an unbatched output's expansion re-pointed; parameters shared
+        by two meetings stand or fall together. Then the rule calls inside standing functions go,
+        and so do the chain-only uses of their parameters in module calls."""
+        ub = self.unbatched
+        if not ub.meetings:
+            return
+        outside = {n for n, _ in self.outside}
+        bad = set(ub.spoiled) | {k for k, (n, _) in self.params.items() if n in outside}
+        bad.update(key for c in self.calls if c.op is None
+                   for k, key in zip(c.names, c.keys) if k not in c.chain_names)
+        bad.update(key for c in ub.absorbed.values() if c.origin is not None for key in c.keys)
+        meetings = [(c, set(c.keys)) for c in ub.meetings]
+        grown = True
+        while grown:
+            grown = False
+            for _, keys in meetings:
+                if keys & bad and not keys <= bad:
+                    bad |= keys
+                    grown = True
+        taken = set().union(*(keys for _, keys in meetings if not keys & bad))
+        drop = {id(c) for c, keys in meetings if keys & bad}
+        drop.update(i for i, c in ub.absorbed.items() if set(c.keys) <= taken)
+        for c in self.calls:
+            if c.op is None and c.chain_names:
+                keep = [(k, key) for k, key in zip(c.names, c.keys)
+                        if not (k in c.chain_names and key in taken)]
+                c.names, c.keys = [k for k, _ in keep], [key for _, key in keep]
+                if not keep:
+                    drop.add(id(c))
+        self.calls = [c for c in self.calls if id(c) not in drop]
+        ub.meetings, ub.absorbed = [], {}
 
     def covered(self, func, args, kwargs) -> set:
         """ids of the parameters an op rule covers in this call (for the fallback's re-run)."""

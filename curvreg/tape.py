@@ -30,6 +30,7 @@ from . import batchnorm
 from .exact import FallbackWarning, example_view, exact_sq_norms
 from .probe import (batch_stats_probe, check_options, differentiable_outputs, forward_ad_ready,
                     hybrid_exact, probe_sq_norms)
+from .ops import ParamFunction
 from .recording import Call, Recording
 from .rules import LayerRule, merge_rules, std_conv
 from .shared_forward import SharedForward
@@ -168,6 +169,7 @@ class GradNormTape:
         n, m = losses.shape[0], self.group_size
         if n == 0:
             return losses * 0 if create_graph else losses.detach() * 0
+        rec.settle_chains()
         calls = [c for c in rec.calls if c.edges]
         for c in calls:
             c.check_versions()
@@ -417,12 +419,14 @@ class GradNormTape:
         rec = self.recording
         if self.estimator == "exact":
             plan = [(c.names, []) for c, _ in live]
-        elif self.estimator == "probe":
-            plan = [([], c.names) for c, _ in live]
         else:
-            ok = [self._rule(c) is not None and hybrid_exact(c.module, c.args)
-                  and (d[0] is None or d[0].shape[0] == rec.n) for c, d in live]
-            probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys}
+            # a function of parameters alone has no forward to probe (ops.ParamFunction): its
+            # parameters are computed exactly, in every call that uses them
+            exact = {key for c, _ in live if isinstance(c.module, ParamFunction) for key in c.keys}
+            ok = [self.estimator == "hybrid" and self._rule(c) is not None
+                  and hybrid_exact(c.module, c.args) and (d[0] is None or d[0].shape[0] == rec.n)
+                  for c, d in live]
+            probed = {key for (c, _), good in zip(live, ok) if not good for key in c.keys} - exact
             plan = [([k for k, key in zip(c.names, c.keys) if key not in probed],
                      [k for k, key in zip(c.names, c.keys) if key in probed]) for c, _ in live]
         if not exclude:

@@ -20,12 +20,24 @@ directly or through a chain of view ops on it (``follow``; replayed on each exam
 by ``torch.vmap``). Each tensor is expanded once and every later use gets the same expansion. Any
 other use of t is caught at the delta pass: the gradient at t (the call's ``origin``) must equal
 the expansion's rows summed.
+
+*Functions of parameters alone* go further than views: an op whose inputs are parameters,
+such functions, unbatched rule-op outputs and constants (tensors that need no gradient), and no
+rule covers (Swin-V2's continuous position bias: an MLP on a fixed coordinate table, indexed,
+``16 * sigmoid``; a logit scale ``clamp(p).exp()``), gives a function P of parameters alone
+(``chain``). Where P meets the batch it is expanded the same way, and a ``ParamFunction`` call is
+recorded there, whose rule takes each example's gradient of P's parameters as a
+vector-Jacobian product. Whether that path is taken is settled after the forward
+(``Recording.settle_chains``): only if every such tensor went into such ops or into a meeting
+(``spoiled`` otherwise) and the parameters have no other use the per-example loop would take;
+else the forward's ordinary record stands (the ops were recorded as usual too).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
@@ -51,14 +63,99 @@ class Unbatched:
     their expansions to the batch. Entries are keyed by ``id`` and hold the tensor itself, which
     they check, so a reused id never matches."""
 
-    def __init__(self):
+    def __init__(self, params: Optional[Dict[int, tuple]] = None):
+        self.params = params or {}  # id -> (name, Parameter) of the model's trainable ones
         self.outputs: Dict[int, tuple] = {}    # id(t) -> (its call, t), until expanded
         self.views: Dict[int, tuple] = {}      # id(v) -> (v, the output t, ops from t to v)
         self.roots: Dict[int, tuple] = {}      # id(t) -> (t, [n, *t.shape]) for views of t
         self.expanded: Dict[tuple, tuple] = {}  # (id(v), dims) -> (v, its expansion)
+        # functions of parameters alone: id(P) -> (P, {id(p): p} of its parameters)
+        self.parametric: Dict[int, tuple] = {}
+        self.absorbed: Dict[int, object] = {}  # id(call) -> rule call made inside such a function
+        self.meetings: list = []   # the ParamFunction calls made where a function met the batch
+        self.spoiled: set = set()  # ids of parameters of a function used by another op
+        self.meet = None  # set by the recording: (P, expansion, params) -> the recorded call
 
     def __bool__(self) -> bool:
-        return bool(self.outputs or self.views)
+        return bool(self.outputs or self.views or self.parametric)
+
+    def chain(self, args, kwargs, used: list, covered: bool, view_op: bool, out) -> bool:
+        """Record ``out`` as a function of parameters alone, if this op's tensor inputs are
+        parameters (``used``), such functions, unbatched rule-op outputs (or views of them) and
+        constants, and it is not an op the other mechanisms take (a rule op on parameters and
+        constants alone, ``covered``; a view op on an unbatched output, followed instead). An op
+        that meets such a function with data spoils it. Whether it was recorded."""
+        params: Dict[int, Tensor] = {}
+        roots, functions, data = [], False, False
+        for t in tree_flatten((args, kwargs))[0]:
+            if not isinstance(t, Tensor):
+                continue
+            if any(t is p for p in used):
+                params[id(t)] = t
+            elif (entry := self.parametric.get(id(t))) is not None and entry[0] is t:
+                params.update(entry[1])
+                functions = True
+            elif (call := self._root_call(t)) is not None:
+                roots.append(call)
+            elif t.requires_grad:
+                data = True
+        if data or not (params or roots):
+            self.spoiled.update(params if functions else ())
+            self.spoiled.update(k for c in roots for k in c.keys)
+            return False
+        if not functions and (view_op if roots else covered()):
+            return False
+        for c in roots:
+            params.update((k, self.params[k][1]) for k in c.keys)
+            self.absorbed[id(c)] = c
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+        for t in outs:
+            self.parametric[id(t)] = (t, params)
+        return bool(outs)
+
+    def _root_call(self, t: Tensor):
+        """The call of unbatched output t, or of the output t is a view of, if unexpanded and
+        its data input a constant (an output without the batch's leading dim may also be one
+        whose batch is merged with another axis: window attention's [N * W, ...])."""
+        entry = self.outputs.get(id(t))
+        if entry is not None and entry[1] is t:
+            call = self._call(t)
+        elif (entry := self.views.get(id(t))) is not None and entry[0] is t:
+            call = self._call(entry[1])
+        else:
+            return None
+        if call is None or any(isinstance(a, Tensor) and a.requires_grad for a in call.args):
+            return None
+        return call
+
+    def linear_bias(self, args, kwargs):
+        """For ``F.linear(x, W, b)`` with b a function of parameters alone (torchvision
+        Swin-V2's q, k, v bias, cloned with its key part zeroed), the same computation as
+        ``F.linear(x, W) + b`` (to run under the tape's op mode, where the sum meets the batch),
+        else None."""
+        x, w, b = (*args, None, None, None)[:3]
+        x, w, b = kwargs.get("input", x), kwargs.get("weight", w), kwargs.get("bias", b)
+        if not self.holds((b,)) or not isinstance(x, Tensor):
+            return None
+        return lambda: F.linear(x, w) + b
+
+    def holds(self, args) -> bool:
+        """Whether any of an op's arguments is a function of parameters alone."""
+        return any(isinstance(t, Tensor) and (e := self.parametric.get(id(t))) is not None
+                   and e[0] is t for t in args)
+
+    def spoil(self, tensors) -> None:
+        """Such functions (and unbatched outputs) among ``tensors`` are used elsewhere (the
+        model's outputs)."""
+        for t in tensors:
+            if not isinstance(t, Tensor):
+                continue
+            entry = self.parametric.get(id(t))
+            if entry is not None and entry[0] is t:
+                self.spoiled.update(entry[1])
+            call = self._root_call(t)
+            if call is not None:
+                self.spoiled.update(call.keys)
 
     def add(self, call, out: Tensor) -> None:
         """``out``, the output of rule call ``call``, has no example dimension."""
@@ -157,8 +254,11 @@ class Unbatched:
         if done is not None and done[0] is t:
             return done[1]
         entry = self.views.get(id(t))
+        function = self.parametric.get(id(t))
         if entry is not None and entry[0] is t:
             rep = self._view_expansion(t, entry[1], entry[2], dim, n)
+        elif function is not None and function[0] is t:
+            rep = self._function_expansion(t, function[1], dim, n)
         else:
             rep = self._output_expansion(t, dim, n)
         if rep is not None:
@@ -177,6 +277,18 @@ class Unbatched:
             _repoint(call, rep, x.reshape((1,) * pad + tuple(x.shape)).expand(
                 n, *([-1] * (x.dim() + pad - 1))))
         del self.outputs[id(t)]
+        return rep
+
+    def _function_expansion(self, t: Tensor, params: dict, dim: int, n: int) -> Optional[Tensor]:
+        """Function of parameters t as [n, ...] with ``dim`` dims (t has a leading size of 1, or
+        fewer dims: a bias [d] against [N, T, d]), with its ``ParamFunction`` call recorded at the
+        expansion."""
+        pad = dim - t.dim()
+        if pad < 0 or (pad == 0 and t.shape[0] != 1):
+            return None
+        with torch._C.DisableTorchFunction():
+            rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
+            self.meetings.append(self.meet(t, rep, list(params.values())))
         return rep
 
     def _view_expansion(self, v: Tensor, t: Tensor, chain, dim: int, n: int) -> Optional[Tensor]:

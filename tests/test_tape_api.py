@@ -371,12 +371,113 @@ def test_a_relative_position_bias_in_window_attention_is_exact(lookup, sdpa):
         tape.per_example_sq_grad_norms(ce(out, y))
 
 
-def test_a_boolean_mask_lookup_takes_the_loop():
+def test_a_boolean_mask_lookup_is_a_function_of_parameters():
+    """``table[mask][idx]`` is no lookup rule's, but a function of the table alone, which
+    meets the windows' scores: exact, without the loop."""
     torch.manual_seed(0)
     x, y = torch.randn(3, 6, 4, dtype=torch.double), torch.tensor([0, 1, 2])
-    with pytest.warns(curvreg.FallbackWarning, match=r"module '<root>' \(_WindowBias\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", curvreg.FallbackWarning)
         tape, _ = exact_against_loop(_WindowBias("mask").double(), x, y)
-    assert "fallback" in tape.methods["<root>"]
+    assert tape.methods["<root>"] == "exact"
+
+
+class _ParamChain(nn.Module):
+    """Tokens [N, T, 4] through a linear layer, then combined with a function of parameters
+    alone (``mode``): an MLP on a fixed coordinate table (Swin-V2's continuous position bias),
+    a clamped and exponentiated scale, the same scale on windows merged with the batch
+    ([N * 2, T / 2, 4]), a linear bias cloned with a part zeroed (torchvision Swin-V2), a scale
+    whose parameter an elementwise rule also takes (``shared``). Cases the tape leaves to the
+    per-example loop: the function also meets the data in an op no rule covers (``data``), its
+    parameter is also so used (``also``), a function it was made from is (``upstream``)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.lin, self.head = mode, nn.Linear(3, 4), nn.Linear(4, 3)
+        if mode == "mlp":
+            self.mlp = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 4, bias=False))
+            self.register_buffer("coords", torch.linspace(-1, 1, 8).reshape(4, 2))
+        self.s = nn.Parameter(torch.randn(4) * 0.3)
+
+    def forward(self, x):  # [N, 4, 3]
+        mode, s = self.mode, self.s
+        if mode == "bias":
+            b = self.lin.bias.clone()
+            b[1:3].zero_()
+            h = F.linear(x, self.lin.weight, b)
+        else:
+            h = self.lin(x)
+        scale = torch.clamp(s, max=1.0).exp()
+        if mode == "mlp":
+            h = h + 2 * torch.sigmoid(self.mlp(self.coords))  # [4, 4] against [N, 4, 4]
+        if mode in ("mlp", "bias", "scale", "data", "also", "upstream"):
+            h = h * (2 * scale if mode == "upstream" else scale)
+        elif mode == "windows":
+            h = (h.reshape(-1, 2, 4) * scale).reshape(h.shape)
+        elif mode == "shared":
+            h = h * scale + s
+        if mode == "data":
+            h = h + torch.lerp(h, 2 * h, scale)
+        elif mode == "also":
+            h = torch.lerp(h, 2 * h, s)
+        elif mode == "upstream":
+            h = h + torch.lerp(h, 2 * h, scale)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["mlp", "scale", "windows", "bias", "shared", "data", "also",
+                                  "upstream"])
+def test_a_function_of_parameters_alone_meeting_the_batch_is_exact(mode):
+    torch.manual_seed(0)
+    model = _ParamChain(mode).double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        tape, sq = exact_against_loop(model, x, y)
+    assert torch.allclose(sq, vmap_sq_grad_norms(model, ce, x, y), rtol=1e-10)
+    methods = set(tape.methods.values())
+    assert methods == ({"exact", "fallback"} if mode in ("data", "also", "upstream") else {"exact"})
+    if mode == "mlp":  # the MLP's layers are taken with the function, not by their rules
+        assert not any(p.startswith("mlp") for p in tape.methods)
+
+
+def test_functions_of_parameters_under_the_other_estimators():
+    """The probe and hybrid estimators compute a function's parameters exactly (it has no
+    forward of its own to probe), the rest as usual: unbiased, and here nothing else is probed
+    for the MLP's layers."""
+    torch.manual_seed(0)
+    model = _ParamChain("shared").double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    want = loop_sq_grad_norms(model, ce, x, y)
+    for estimator in ("probe", "hybrid"):
+        with curvreg.GradNormTape(model, estimator=estimator, num_probes=20000,
+                                  generator=torch.Generator().manual_seed(0)) as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(ce(out, y))
+        assert torch.allclose(sq, want, rtol=0.05), (estimator, sq, want)
+
+
+def test_a_function_of_parameters_returned_by_the_model():
+    """Returned, and used by the loss: not taken as a function meeting the batch."""
+    class Returned(_ParamChain):
+        def forward(self, x):
+            scale = self.s.exp()
+            return self.head(torch.tanh(self.lin(x) * scale).mean(1)), scale
+
+    torch.manual_seed(0)
+    model = Returned("scale").double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+
+    def loss(out, t):
+        return ce(out[0] * out[1].sum(), t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        with pytest.raises(ValueError, match=r"module '<root>' \(Returned\) produced an output "
+                                             r"with dim 0 of size 4"):
+            tape.per_example_sq_grad_norms(loss(out, y))
 
 
 def test_torch_compile_refused():
@@ -731,7 +832,8 @@ def test_parameter_view_used_outside_its_rule(mode, refusal):
 class _ShiftedScale(nn.Module):
     """A Gemma-style scale: tokens times a view of a per-channel parameter (``1 + w.float()``
     and other casts, shifts and reshapes), the view's parent used elsewhere too (``parent``),
-    modified in place (``inplace``), or negated (``1 - w``: not the parameter itself)."""
+    modified in place (``inplace``), or negated (``1 - w``: not the parameter itself but a
+    function of it alone, taken where it meets the batch)."""
 
     def __init__(self, mode):
         super().__init__()
@@ -755,7 +857,7 @@ def test_a_parameter_through_casts_and_shifts_takes_the_elementwise_rule(mode):
         warnings.simplefilter("ignore", curvreg.FallbackWarning)
         tape, _ = exact_against_loop(_ShiftedScale(mode).double(), x, y,
                                      rtol=1e-6 if mode == "gemma" else 1e-10)  # float32 scale
-    assert tape.methods["<root>"] == ("fallback" if mode == "negated" else "exact")
+    assert tape.methods["<root>"] == "exact"
 
 
 @pytest.mark.parametrize("mode, refusal", [

@@ -46,6 +46,14 @@ def _tv_swin():
                            window_size=[2, 2], num_classes=3)  # the second block shifts
 
 
+def _tv_swin_v2():
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer,
+                                                     SwinTransformerBlockV2)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[1, 2],
+                           window_size=[2, 2], num_classes=3, block=SwinTransformerBlockV2,
+                           downsample_layer=PatchMergingV2)
+
+
 def _tv_convnext():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
     return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3)
@@ -99,6 +107,9 @@ ZOO = {
     "tv_convnext": (lambda: _tv_convnext(), images(s=32)),
     "tv_vit": (_tv_vit, images(s=16)),
     "tv_swin": (_tv_swin, images(s=16)),
+    # continuous position bias (an MLP on a fixed coordinate table), a clamped exponentiated
+    # logit scale, a q, k, v bias cloned with its key part zeroed: functions of parameters alone
+    "tv_swin_v2": (_tv_swin_v2, images(s=16)),
     "tv_shufflenet": (_tv("shufflenet_v2_x0_5"), images(s=16)),
     # timm
     "timm_resnet18": (_timm("resnet18"), images(s=16)),
@@ -124,6 +135,8 @@ ZOO = {
     # of the first stage shifts its windows (an attention mask per window)
     "timm_swin": (_timm("swin_tiny_patch4_window7_224", img_size=16, patch_size=4, embed_dim=8,
                         depths=(2, 1), num_heads=(1, 2), window_size=2), images(s=16)),
+    "timm_swin_v2": (_timm("swinv2_tiny_window8_256", img_size=16, patch_size=4, embed_dim=8,
+                           depths=(2, 1), num_heads=(1, 2), window_size=2), images(s=16)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),
     "timm_regnet": (_timm("regnetx_002"), images(s=16)),
     # Hugging Face transformers
@@ -174,6 +187,9 @@ ZOO = {
     # window attention ([N * W, ...]) with a relative position bias table, shifted windows
     "hf_swin": (_hf("SwinConfig", "SwinForImageClassification", image_size=16, patch_size=4,
                     embed_dim=8, depths=[2, 1], num_heads=[1, 2], window_size=2), images(s=16)),
+    "hf_swin_v2": (_hf("Swinv2Config", "Swinv2ForImageClassification", image_size=16,
+                       patch_size=4, embed_dim=8, depths=[2, 1], num_heads=[1, 2], window_size=2),
+                   images(s=16)),
     "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8,
                    hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=16), images(s=16)),

@@ -11,7 +11,7 @@ from typing import Dict, Mapping, Optional
 
 from torch import nn
 
-from ..ops import ElementwiseAffine, NormalizedAffine, TransposedLinear
+from ..ops import ElementwiseAffine, NormalizedAffine, ParamFunction, TransposedLinear
 
 from ._base import LayerRule, fold_groups, sq_from_grads, sum_groups
 from .conv import CONV_RULE
@@ -19,6 +19,7 @@ from .elementwise import ELEMENTWISE_RULE
 from .embedding import EMBEDDING_RULE
 from .fallback import fallback_grads
 from .linear import LINEAR_RULE, TRANSPOSED_LINEAR_RULE
+from .param_function import PARAM_FUNCTION_RULE
 from .norm import (BATCH_NORM_EVAL_RULE, GROUP_NORM_RULE, LAYER_NORM_RULE, NORMALIZED_AFFINE_RULE,
                    RMS_NORM_RULE)
 
@@ -41,6 +42,7 @@ def default_rules() -> Dict[type, LayerRule]:
         nn.RMSNorm: RMS_NORM_RULE,
         ElementwiseAffine: ELEMENTWISE_RULE,
         NormalizedAffine: NORMALIZED_AFFINE_RULE,
+        ParamFunction: PARAM_FUNCTION_RULE,
         **norm_eval,
     }
 
