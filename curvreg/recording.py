@@ -166,6 +166,7 @@ class _UsageMode(TorchFunctionMode):
         else:
             out = func(*args, **kwargs)
         out = batchnorm.one_example_layout(func, args, kwargs, out)
+        rec.taint(args, kwargs, out)
         if func in unbatched.VIEW_CHAIN and rec.unbatched:
             rec.unbatched.follow(func, args, kwargs, out, rec.n)
         rec._on_op(func, args, kwargs, out)
@@ -283,6 +284,9 @@ class Recording:
         self.view_parents: Dict[int, Tensor] = {}  # view id -> the view it was made from
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
         self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
+        # ids of tensors without gradient made from the model's inputs or from tensors with one
+        # (token ids, masks of activations): not constants of the model (see _batch_free)
+        self.tainted: set = set()
         self.funcs: set = set()  # every torch function the forward called (curvreg.probe)
         self.root_calls = 0  # how often the model was called
         self.signature: Optional[tuple] = None  # of its first call, for a shared forward
@@ -300,7 +304,8 @@ class Recording:
         self._local: Dict[int, Dict[int, str]] = {}
         try:
             for module in self._modules_with_params():
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook,
+                                                                      with_kwargs=True))
                 self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True))
             # The fused attention kernels have no double backward; the math kernel computes the
             # same function with differentiable ops (nested calls included).
@@ -341,19 +346,20 @@ class Recording:
         self._patched = []
         self._handles, self._mode, self._stack = [], None, []
 
-    def _pre_hook(self, module, args):
+    def _pre_hook(self, module, args, kwargs):
         if not self.recording:
             return
         with torch._C.DisableTorchFunction():  # bookkeeping: keep it out of _UsageMode
-            self._enter_call(module, args)
+            self._enter_call(module, args, kwargs)
 
-    def _enter_call(self, module, args):
+    def _enter_call(self, module, args, kwargs):
         reason = _mixing_reason(module, self.batch_norm)
         if reason:
             raise ValueError(_mixing_message(_path(self.paths, module), type(module).__name__, reason))
         if module is self.model:
             self._check_batch(args)
             self._enter_root(args)
+            self.tainted.update(id(t) for t in _flat((args, kwargs)) if isinstance(t, Tensor))
         self._stack.append([module, {}, set()])  # module, names used, names used by chains only
 
     def _enter_root(self, args):
@@ -463,6 +469,23 @@ class Recording:
                                        op="F.batch_norm (batch statistics)"))
         return out
 
+    def taint(self, args, kwargs, out) -> None:
+        """Outputs without gradient of an op on the model's inputs or on tensors with one are
+        not constants of the model."""
+        outs = [t for t in _flat(out) if isinstance(t, Tensor) and not t.requires_grad]
+        if outs and any(isinstance(t, Tensor) and (t.requires_grad or id(t) in self.tainted)
+                        for t in _flat((args, kwargs))):
+            self.tainted.update(id(t) for t in outs)
+
+    def _batch_free(self, args, kwargs) -> bool:
+        """Whether an op's data inputs are constants of the model (made without its inputs:
+        T5's relative position buckets, ``torch.arange(T)``), so that its output has no example
+        dimension whatever its leading size (T = N). A wrong answer cannot give a wrong value:
+        an output taken as unbatched is expanded only where it meets the batch, and the
+        expansion is checked (origin and independence checks); otherwise it stays as it was."""
+        data = list(ops.op_args(args, kwargs, parameters=False))
+        return bool(data) and not any(t.requires_grad or id(t) in self.tainted for t in data)
+
     def _view_source(self, func, args, kwargs, used, views, out) -> Optional[nn.Parameter]:
         """The parameter whose view ``out`` is (``ops.passes_gradient`` applied to the parameter,
         or to a recorded view of it: Gemma's ``1 + weight.float()``), else None."""
@@ -525,7 +548,8 @@ class Recording:
                 if chain:  # inside a function of parameters alone: settled after the forward
                     self.unbatched.absorbed[id(call)] = call
                 if (isinstance(out, Tensor) and self.n is not None and self.n > 1
-                        and (out.dim() == 0 or out.shape[0] != self.n)):
+                        and (out.dim() == 0 or out.shape[0] != self.n
+                             or self._batch_free(args, kwargs))):
                     self.unbatched.add(call, out)
             covered = set(names.values())
             used = [a for a in used if id(a) not in covered]

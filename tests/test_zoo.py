@@ -68,6 +68,12 @@ def finite_difference(model, x, y, params, v, eps=1e-5):
     return ((up - down) / (2 * eps)).item()
 
 
+def flat(grads, params):
+    """Gradients of ``params`` as one vector (None: zeros)."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                      for g, p in zip(grads, params)])
+
+
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -93,11 +99,9 @@ def test_zoo_exact_or_refused(name):
     with sdpa_kernel(SDPBackend.MATH):  # the reference needs a double-differentiable kernel too
         ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
         want = torch.autograd.grad(0.3 * ref.mean(), params, allow_unused=True)
-    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()  # noqa: E731
-                                 for g, p in zip(gs, params)])
     tol = TOLERANCE.get(name, 1e-8)
     assert rel_err(sq, ref) < tol
-    assert rel_err(flat(ours), flat(want)) < tol
+    assert rel_err(flat(ours, params), flat(want, params)) < tol
     if name not in NO_VMAP:
         with sdpa_kernel(SDPBackend.MATH):
             assert rel_err(sq, vmap_sq_grad_norms(model, ce, x, y)) < tol
@@ -132,3 +136,23 @@ def test_zoo_fused_dense_layers_as_unfused(name):
     (sq_fused, g_fused), (sq_plain, g_plain) = got
     assert rel_err(sq_fused, sq_plain) < 1e-12
     assert rel_err(g_fused, g_plain) < 1e-11
+
+
+@pytest.mark.parametrize("name", ["hf_t5", "hf_bert"])
+def test_position_tables_when_the_sequence_is_as_long_as_the_batch(name):
+    """T = N: T5's relative position bias ([T, T, heads] from constant buckets) and BERT's
+    position embeddings have a leading dim equal to the batch size; their ids are made without
+    the model's inputs, so they are still expanded where they meet the batch."""
+    model, x, y = build(name, 6)  # the zoo's sequences have T = 6
+    assert x.shape == (6, 6)
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert all(m == "exact" for m in tape.methods.values())
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert rel_err(sq, ref) < 1e-8
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(sq.mean(), params, allow_unused=True)
+    want = torch.autograd.grad(ref.mean(), params, allow_unused=True)
+    assert rel_err(flat(ours, params), flat(want, params)) < 1e-8
