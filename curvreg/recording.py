@@ -287,6 +287,9 @@ class Recording:
         # ids of tensors without gradient made from the model's inputs or from tensors with one
         # (token ids, masks of activations): not constants of the model (see _batch_free)
         self.tainted: set = set()
+        # (parameter id, refusal) for uses by a module not owning it inside a function of
+        # parameters alone: refused by settle_chains unless the function is taken
+        self._foreign: List[tuple] = []
         self.funcs: set = set()  # every torch function the forward called (curvreg.probe)
         self.root_calls = 0  # how often the model was called
         self.signature: Optional[tuple] = None  # of its first call, for a shared forward
@@ -547,7 +550,7 @@ class Recording:
                 self.calls.append(call)
                 if chain:  # inside a function of parameters alone: settled after the forward
                     self.unbatched.absorbed[id(call)] = call
-                if (isinstance(out, Tensor) and self.n is not None and self.n > 1
+                elif (isinstance(out, Tensor) and self.n is not None and self.n > 1
                         and (out.dim() == 0 or out.shape[0] != self.n
                              or self._batch_free(args, kwargs))):
                     self.unbatched.add(call, out)
@@ -574,12 +577,16 @@ class Recording:
         if name is None:
             op = ("a view op" if func is None else
                   torch.overrides.resolve_name(func) or getattr(func, "__name__", repr(func)))
-            raise ValueError(f"module '{_path(self.paths, module)}' uses parameter "
-                             f"'{entry[0]}', which belongs to neither it nor its children, in "
-                             f"{op}, which no op rule covers; per-example gradients of that "
-                             "use cannot be attributed. Move the parameter into the module that "
-                             "uses it, or use it there through an op with a rule (F.linear, "
-                             "a broadcast product or sum: README, 'Supported ops').")
+            message = (f"module '{_path(self.paths, module)}' uses parameter '{entry[0]}', which "
+                       f"belongs to neither it nor its children, in {op}, which no op rule "
+                       "covers; per-example gradients of that use cannot be attributed. Move the "
+                       "parameter into the module that uses it, or use it there through an op "
+                       "with a rule (F.linear, a broadcast product or sum: README, 'Supported "
+                       "ops').")
+            if not chain:
+                raise ValueError(message)
+            self._foreign.append((id(a), message))  # fine if the function is taken
+            return
         frame = self._stack[-1]
         if not chain:
             frame[2].discard(name)
@@ -606,7 +613,10 @@ class Recording:
         by two meetings stand or fall together. Then the rule calls inside standing functions go,
         and so do the chain-only uses of their parameters in module calls."""
         ub = self.unbatched
+        foreign, self._foreign = self._foreign, []
         if not ub.meetings:
+            if foreign:
+                raise ValueError(foreign[0][1])
             return
         outside = {n for n, _ in self.outside}
         bad = set(ub.spoiled) | {k for k, (n, _) in self.params.items() if n in outside}
@@ -622,6 +632,9 @@ class Recording:
                     bad |= keys
                     grown = True
         taken = set().union(*(keys for _, keys in meetings if not keys & bad))
+        for key, message in foreign:
+            if key not in taken:
+                raise ValueError(message)
         drop = {id(c) for c, keys in meetings if keys & bad}
         drop.update(i for i, c in ub.absorbed.items() if set(c.keys) <= taken)
         for c in self.calls:

@@ -187,9 +187,20 @@ class Unbatched:
             return None
         rest = (1,) * pad + tuple(t.shape)
         keep = (lambda s, k: s == 1) if func is Tensor.repeat else (lambda s, k: s in (-1, k))
-        if rest[0] != 1 or not all(keep(s, k) for s, k in zip(sizes[1:], rest[1:])):
+        if not all(keep(s, k) for s, k in zip(sizes[1:], rest[1:])):
             return None
-        return self._expansion(t, len(sizes), n)
+        if rest[0] == 1:
+            return self._expansion(t, len(sizes), n)
+        if func is not Tensor.repeat or pad:
+            return None
+        # t [h, ...].repeat(n, 1, ...): n copies of t, the batch merged with t's leading dim,
+        # example-major (DeBERTa's relative position projections, [h, 2k, d] against the
+        # queries' [N * h, T, d])
+        rep = self._expansion(t, t.dim() + 1, n)
+        if rep is None:
+            return None
+        with torch._C.DisableTorchFunction():
+            return rep.reshape(n * t.shape[0], *t.shape[1:])
 
     def batched_mask(self, args, kwargs, n: int):
         """(args, kwargs) of a scaled_dot_product_attention call whose ``attn_mask`` is unbatched

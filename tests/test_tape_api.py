@@ -436,6 +436,19 @@ def test_a_function_of_parameters_alone_meeting_the_batch_is_exact(mode):
         assert not any(p.startswith("mlp") for p in tape.methods)
 
 
+@pytest.mark.parametrize("mode", ["mlp", "windows", "shared"])
+def test_a_function_of_parameters_alone_in_groups(mode):
+    """group_size = 2: each group's gradient of the function's parameters is one
+    vector-Jacobian product of the group's summed gradient at its expansion."""
+    torch.manual_seed(0)
+    model = _ParamChain(mode).double()
+    x, y = torch.randn(4, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2, 0])
+    with curvreg.GradNormTape(model, group_size=2) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert torch.allclose(sq, loop_sq_grad_norms(model, ce, x, y, group_size=2), rtol=1e-10)
+
+
 def test_functions_of_parameters_under_the_other_estimators():
     """The probe and hybrid estimators compute a function's parameters exactly (it has no
     forward of its own to probe), the rest as usual: unbiased, and here nothing else is probed
@@ -554,8 +567,43 @@ def test_a_parameter_used_by_a_module_it_does_not_belong_to():
     model = _Parent(covered=False).double()
     with pytest.raises(ValueError, match=r"module 'child' uses parameter 'table', which belongs "
                                          r"to neither it nor its children, in torch\.sin"):
-        with curvreg.GradNormTape(model) as tape:
-            model(x)
+        with curvreg.GradNormTape(model) as tape:  # refused once the forward is settled
+            out = model(x)
+        tape.per_example_sq_grad_norms(ce(out, y))
+
+
+class _RelativeKeys(nn.Module):
+    """DeBERTa-style attention: relative embeddings owned by the parent, projected by this
+    module's key layer (which also takes the tokens) and tiled over the batch by
+    ``.repeat(N, 1, 1)`` against queries of shape [N * heads, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.key, self.query = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, rel):  # x [N, T, 4], rel [5, 4]
+        n, t, _ = x.shape
+        q = self.query(x).view(n, t, 2, 2).transpose(1, 2).reshape(n * 2, t, 2)
+        k = self.key(x).view(n, t, 2, 2).transpose(1, 2).reshape(n * 2, t, 2)
+        pos = self.key(F.dropout(rel, 0.0)).view(5, 2, 2).transpose(0, 1).repeat(n, 1, 1)
+        scores = q @ k.transpose(1, 2) + (q @ pos.transpose(1, 2))[..., :t]  # [N * 2, T, T]
+        return (torch.softmax(scores, -1) @ k).view(n, 2, t, 2).transpose(1, 2).reshape(n, t, 4)
+
+
+class _RelativeParent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rel, self.attn, self.head = nn.Parameter(torch.randn(5, 4)), _RelativeKeys(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, self.rel).mean(1))
+
+
+def test_relative_embeddings_a_parent_owns_projected_and_tiled_over_the_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 4, dtype=torch.double), torch.tensor([0, 1, 2])
+    tape, _ = exact_against_loop(_RelativeParent().double(), x, y)
+    assert set(tape.methods.values()) == {"exact"}
 
 
 class _HandLinear(nn.Module):
