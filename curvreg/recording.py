@@ -333,6 +333,7 @@ class Recording:
         if self._mode is not None:
             self._mode.__exit__(*exc)
             self._sdpa.__exit__(*exc)
+        self.unbatched.meet = None  # no meetings after the forward; and no reference cycle
         self._remove()
 
     def _modules_with_params(self):

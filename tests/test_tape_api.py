@@ -35,6 +35,28 @@ def test_scope_leaves_no_state_and_keeps_mode():
     assert all(m.training for m in mlp.modules())
 
 
+@pytest.mark.parametrize("mode", ["mlp", "windows"])
+def test_a_recording_is_freed_without_the_garbage_collector(mode):
+    """No reference cycle keeps a recording (and the activations it holds) alive after its tape
+    is dropped: a step would otherwise carry the previous one's memory until a collection."""
+    import gc
+    import weakref
+    model = _ParamChain(mode).double()
+    x, y = torch.randn(3, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    gc.collect()
+    gc.disable()
+    try:
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(ce(out, y))
+        sq.sum().backward()
+        ref = weakref.ref(tape.recording)
+        del tape, out, sq
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_hooks_removed_after_exception():
     model, x, _ = build("mlp", n=3)
     before = hooks_of(model)
