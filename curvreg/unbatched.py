@@ -34,7 +34,7 @@ else the forward's ordinary record stands (the ops were recorded as usual too).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +79,12 @@ class Unbatched:
     def __bool__(self) -> bool:
         return bool(self.outputs or self.views or self.parametric)
 
-    def chain(self, args, kwargs, used: list, covered: bool, view_op: bool, out) -> bool:
+    def chain(self, args, kwargs, used: list, covered: Callable[[], bool], view_op: bool,
+              out) -> bool:
         """Record ``out`` as a function of parameters alone, if this op's tensor inputs are
         parameters (``used``), such functions, unbatched rule-op outputs (or views of them) and
         constants, and it is not an op the other mechanisms take (a rule op on parameters and
-        constants alone, ``covered``; a view op on an unbatched output, followed instead). An op
+        constants alone, ``covered()``; a view op on an unbatched output, followed instead). An op
         that meets such a function with data spoils it. Whether it was recorded."""
         params: Dict[int, Tensor] = {}
         roots, functions, data = [], False, False
