@@ -130,6 +130,8 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
             if func in unbatched.BROADCASTING and len(args) == 2:
                 args = rec.unbatched.broadcast(args, rec.n)
+            elif func in unbatched.MATMULS and len(args) == 2 and not kwargs:
+                args = rec.unbatched.broadcast(args, rec.n, matmul=True)
             elif func is F.scaled_dot_product_attention:
                 args, kwargs = rec.unbatched.batched_mask(args, kwargs, rec.n)
             elif (func in unbatched.TILING

@@ -45,6 +45,9 @@ from torch.utils._pytree import tree_flatten
 # ops at which an output is expanded where it meets batched data (``Unbatched.broadcast``)
 BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
+# batched products, which broadcast their leading dims the same way (DeBERTa's
+# ``query @ pos_key.transpose(-1, -2)`` with pos_key [1, heads, 2k, d])
+MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
 
 # ops that tile an output over the batch (``Unbatched.tile``)
 TILING = frozenset({Tensor.expand, Tensor.repeat})
@@ -162,11 +165,16 @@ class Unbatched:
         """``out``, the output of rule call ``call``, has no example dimension."""
         self.outputs[id(out)] = (call, out)
 
-    def broadcast(self, args, n: int):
+    def broadcast(self, args, n: int, matmul: bool = False):
         """``args`` of a broadcasting op, an unbatched operand meeting a batched one replaced by
-        its expansion: ``x + pos`` with pos [1, T, d] or [T, d] and x [N, T, d]."""
+        its expansion: ``x + pos`` with pos [1, T, d] or [T, d] and x [N, T, d]; with ``matmul``,
+        of a batched product (both operands matrices or stacks of them, the batched one with
+        leading dims)."""
         a, b = args
         for i, (t, other) in enumerate(((a, b), (b, a))):
+            if matmul and not (isinstance(t, Tensor) and isinstance(other, Tensor)
+                               and t.dim() >= 2 and other.dim() >= 3):
+                continue
             if (isinstance(t, Tensor) and isinstance(other, Tensor) and other.dim() >= t.dim()
                     and other.dim() > 0 and _batched(other.shape[0], n)):
                 rep = self._merged(t, other.dim(), n, other.shape[0])

@@ -621,6 +621,40 @@ class _RelativeParent(nn.Module):
         return self.head(self.attn(x, self.rel).mean(1))
 
 
+class _RelativeProduct(nn.Module):
+    """DeBERTa(-v1)-style: relative keys [1, heads, 5, 2] from a table, met by a batched
+    product ``q @ keys.transpose(-1, -2)`` with queries [N, heads, T, 2] (``flat``: queries
+    [N, 4] and the keys as a matrix, a plain product: refused, the key layer's output having
+    no example dimension)."""
+
+    def __init__(self, flat=False):
+        super().__init__()
+        self.flat, self.rel, self.key = flat, nn.Parameter(torch.randn(5, 4)), nn.Linear(4, 4)
+        self.query, self.head = nn.Linear(4, 4), nn.Linear(4 if flat else 10, 3)
+
+    def forward(self, x):  # [N, T, 4]
+        n, t, _ = x.shape
+        keys = self.key(torch.tanh(self.rel))  # [5, 4], a function of parameters alone
+        if self.flat:
+            return self.head(self.query(x.mean(1)) @ keys.t() @ keys)
+        q = self.query(x).view(n, t, 2, 2).transpose(1, 2)
+        scores = q @ keys.view(1, 5, 2, 2).transpose(1, 2).transpose(-1, -2)  # [N, 2, T, 5]
+        return self.head(torch.tanh(scores).mean(2).flatten(1))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_function_of_parameters_in_a_batched_product(flat):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 4, dtype=torch.double), torch.tensor([0, 1, 2])
+    if flat:
+        with pytest.raises(ValueError, match=r"op F\.linear in module 'key' produced an output "
+                                             r"with dim 0 of size 5"):
+            exact_against_loop(_RelativeProduct(flat).double(), x, y)
+        return
+    tape, _ = exact_against_loop(_RelativeProduct(flat).double(), x, y)
+    assert set(tape.methods.values()) == {"exact"}
+
+
 def test_relative_embeddings_a_parent_owns_projected_and_tiled_over_the_batch():
     torch.manual_seed(0)
     x, y = torch.randn(3, 4, 4, dtype=torch.double), torch.tensor([0, 1, 2])

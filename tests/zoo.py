@@ -164,6 +164,10 @@ ZOO = {
     "hf_deberta_v2": (_hf("DebertaV2Config", "DebertaV2ForSequenceClassification", **_BERT), ids()),
     # DeBERTa-v3's setting: relative attention through embeddings the encoder owns and every
     # layer's attention uses
+    # DeBERTa (v1) with relative attention: relative keys [1, heads, 2k, d] met by batched
+    # products with the queries
+    "hf_deberta_relative": (_hf("DebertaConfig", "DebertaForSequenceClassification", **_BERT,
+                                relative_attention=True, pos_att_type=["c2p", "p2c"]), ids()),
     "hf_deberta_v2_relative": (_hf("DebertaV2Config", "DebertaV2ForSequenceClassification",
                                    relative_attention=True, position_buckets=4,
                                    pos_att_type=["p2c", "c2p"], **_BERT), ids()),
