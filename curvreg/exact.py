@@ -47,6 +47,14 @@ def example_view(c, delta: Tensor, n: Optional[int]):
             delta.reshape(n, k, *delta.shape[1:]))
 
 
+def merged_rows(delta: Tensor, n: Optional[int]) -> int:
+    """k for a call whose leading dim (after ``example_view``) is k * N, the examples merged with
+    another axis, example-major (a convolution on window attention's heads, [N * heads, C, H, W]):
+    its rule runs with groups k times as large, each example's k rows summed as a group's; the
+    independence check verifies the reading. 1 for an ordinary call."""
+    return delta.shape[0] // n if n and delta.shape[0] > n else 1
+
+
 def _sq_via_grads(rule: LayerRule):
     return lambda *a: sq_from_grads(rule.grads(*a))
 
@@ -68,12 +76,13 @@ def exact_sq_norms(live, plan, n: int, m: int, rule_of: Callable, covered: Calla
         rule = rule_of(c)
         if rule is not None and len(d) == 1 and all(k in c.module._parameters for k in names):
             args, delta = promote(*example_view(c, d[0], n))
+            group = m * merged_rows(delta, n)
             if rule.with_output:
                 args = args + (promote_one(c.output),)  # None: modified in place
             if single:
-                sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, m)
+                sq = (rule.sq_norms or _sq_via_grads(rule))(c.module, args, delta, single, group)
                 total = sq if total is None else total + sq
-            grads = rule.grads(c.module, args, delta, multi, m) if multi else {}
+            grads = rule.grads(c.module, args, delta, multi, group) if multi else {}
         else:
             fallbacks.append(c.where)
             grads = fallback_grads(c, d, names, m, n, covered)

@@ -14,8 +14,10 @@ from these ops, or a parent using a child's weight all get the exact rule.
 
 Position-wise ops (linear, layer/RMS norm, embedding, elementwise scale/shift) also accept a
 leading dimension that merges the examples with positions, example-major (``x.view(-1, d)`` of
-``[N, T, d]``, window attention's ``[N * W, ...]``): the tape views it as ``[N, rest]``. Whether
-that reading is right is not assumed: the tape's independence check verifies it.
+``[N, T, d]``, window attention's ``[N * W, ...]``): the tape views it as ``[N, rest]``. Other
+ops (convolutions, group and batch norms) accept one too, their rules run with each example's
+rows as one group (``exact.merged_rows``: TNT's pixel embedding on [N * patches, C, H, W]).
+Whether that reading is right is not assumed: the tape's independence check verifies it.
 
 ``NO_DOUBLE_BACKWARD`` lists ops whose derivative PyTorch cannot differentiate again, with the
 replacement to use, so the tape can refuse them at the forward instead of autograd failing

@@ -132,6 +132,8 @@ class _UsageMode(TorchFunctionMode):
                 args = rec.unbatched.broadcast(args, rec.n)
             elif func in unbatched.MATMULS and len(args) == 2 and not kwargs:
                 args = rec.unbatched.broadcast(args, rec.n, matmul=True)
+            elif func is torch.einsum:
+                args = rec.unbatched.einsum(args, kwargs, rec.n)
             elif func is F.scaled_dot_product_attention:
                 args, kwargs = rec.unbatched.batched_mask(args, kwargs, rec.n)
             elif (func in unbatched.TILING

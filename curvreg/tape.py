@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import batchnorm
-from .exact import FallbackWarning, example_view, exact_sq_norms
+from .exact import FallbackWarning, example_view, exact_sq_norms, merged_rows
 from .probe import (batch_stats_probe, check_options, differentiable_outputs, forward_ad_ready,
                     hybrid_exact, probe_sq_norms)
 from .ops import ParamFunction
@@ -264,7 +264,8 @@ class GradNormTape:
                 d = by_call.get(id(c))
                 if d and d[0] is not None:
                     args, delta = example_view(c, d[0], n)
-                    g = self._rule(c).grads(c.module, args, delta, ["weight"], 1)["weight"]
+                    g = self._rule(c).grads(c.module, args, delta, ["weight"],
+                                            merged_rows(delta, n))["weight"]
                     covered = covered + g.detach().sum(0).reshape(view.shape).to(view.dtype)
             tol = 1000 * torch.finfo(total.dtype).eps
             if not torch.allclose(covered, total.detach(), rtol=tol,
@@ -466,9 +467,9 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 def _check_leading(c: Call, delta: Tensor, n: int, dim: int = 0) -> None:
     size = delta.shape[dim] if delta.dim() > dim else None
-    if size == n or (c.position_wise and size and size % n == 0):
+    if size == n or (c.op is not None and size and size % n == 0):
         return
-    merged = " (a position-wise op may merge examples with positions, example-major)" if c.position_wise else ""
+    merged = " (an op may merge examples with another axis, example-major)" if c.op is not None else ""
     raise ValueError(f"{c.where} produced an output with dim {dim} of size {size}, not the batch "
                      f"size {n}; keep the example dimension first and unmerged{merged}. A "
                      "parameter used without an example dimension (a position table looked up "

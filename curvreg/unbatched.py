@@ -182,6 +182,33 @@ class Unbatched:
                     return (rep, b) if i == 0 else (a, rep)
         return args
 
+    def einsum(self, args, kwargs, n: int):
+        """``args`` of a two-operand ``torch.einsum`` in which an unbatched operand meets a
+        batched one, the first rewritten to take the second's leading index and replaced by its
+        expansion (MViTv2's ``einsum("byhwc,hkc->byhwk", q, table[dist])``); unchanged
+        otherwise."""
+        if kwargs or len(args) != 3 or not isinstance(args[0], str) or "." in args[0]:
+            return args
+        eq, a, b = args
+        inputs, arrow, output = eq.replace(" ", "").partition("->")
+        subs = inputs.split(",")
+        if not arrow or len(subs) != 2:
+            return args
+        for i, (t, other) in enumerate(((a, b), (b, a))):
+            mine, theirs = subs[i], subs[1 - i]
+            if not (isinstance(t, Tensor) and isinstance(other, Tensor) and other.dim() > 0
+                    and _batched(other.shape[0], n) and len(mine) == t.dim()
+                    and len(theirs) == other.dim() and theirs[0] not in mine
+                    and theirs.count(theirs[0]) == 1):
+                continue
+            rep = self._merged(t, t.dim() + 1, n, other.shape[0])
+            if rep is None:
+                continue
+            new = [theirs[0] + mine, theirs] if i == 0 else [theirs, theirs[0] + mine]
+            operands = (rep, b) if i == 0 else (a, rep)
+            return (",".join(new) + "->" + output,) + operands
+        return args
+
     def tile(self, func, args, kwargs, n: int) -> Optional[Tensor]:
         """The expansion that ``t.expand(n, ...)`` or ``t.repeat(n, 1, ...)`` makes of an
         unbatched t with a leading size of 1 or none (XCiT's Fourier position encoding:

@@ -655,6 +655,42 @@ def test_a_function_of_parameters_in_a_batched_product(flat):
     assert set(tape.methods.values()) == {"exact"}
 
 
+class _EinsumBias(nn.Module):
+    """MViTv2-style decomposed relative positions: ``table[dist]`` [3, 3, 2] contracted with the
+    queries [N, 3, 2] by ``torch.einsum`` (``order``: which operand comes first; ``"ellipsis"``:
+    an equation with ``...``, which is not rewritten)."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order, self.table = order, nn.Parameter(torch.randn(5, 2))
+        pos = torch.arange(3)
+        self.register_buffer("dist", pos[:, None] - pos[None, :] + 2)
+        self.lin, self.head = nn.Linear(2, 2), nn.Linear(9, 3)
+
+    def forward(self, x):  # [N, 3, 2]
+        q, rel = self.lin(x), self.table[self.dist]
+        if self.order == "first":
+            r = torch.einsum("bhc,hkc->bhk", q, rel)
+        elif self.order == "second":
+            r = torch.einsum("hkc,bhc->bhk", rel, q)
+        else:
+            r = torch.einsum("...hc,hkc->...hk", q, rel)
+        return self.head(torch.tanh(r).flatten(1))
+
+
+@pytest.mark.parametrize("order", ["first", "second", "ellipsis"])
+def test_an_unbatched_table_contracted_by_einsum(order):
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 2, dtype=torch.double), torch.tensor([0, 1, 2, 0])
+    if order == "ellipsis":
+        with pytest.raises(ValueError, match=r"op indexing in module '<root>' produced an output "
+                                             r"with dim 0 of size 3"):
+            exact_against_loop(_EinsumBias(order).double(), x, y)
+        return
+    tape, _ = exact_against_loop(_EinsumBias(order).double(), x, y)
+    assert set(tape.methods.values()) == {"exact"}
+
+
 def test_relative_embeddings_a_parent_owns_projected_and_tiled_over_the_batch():
     torch.manual_seed(0)
     x, y = torch.randn(3, 4, 4, dtype=torch.double), torch.tensor([0, 1, 2])
@@ -809,12 +845,28 @@ def test_merged_batch_dim_example_major_is_exact_example_minor_refused(norm):
         out = model(x)
     with pytest.raises(ValueError, match=r"not independent at op F\.(linear|layer_norm|rms_norm|batch_norm)"):
         tape.per_example_sq_grad_norms(ce(out, y))
+    # a convolution (not position-wise) on the merged rows: each example's rows are a group
     conv = nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2),
                          nn.Flatten(1)).double()
+
+    def losses(model, x):
+        return model(x).reshape(4, -1).sin().sum(1)
+
     with curvreg.GradNormTape(conv) as tape:
-        out = conv(x).reshape(4, -1)
-    with pytest.raises(ValueError, match="dim 0 of size 8, not the batch size 4"):
-        tape.per_example_sq_grad_norms(out.sum(1))
+        sq = tape.per_example_sq_grad_norms(losses(conv, x))
+    want = torch.stack([sum(g.pow(2).sum() for g in torch.autograd.grad(
+        losses(conv, x)[i], list(conv.parameters()))) for i in range(4)])
+    assert torch.allclose(sq, want, rtol=1e-12)
+    minor = nn.Sequential(_Transpose01(), conv).double()  # example-minor rows: refused
+    with curvreg.GradNormTape(minor) as tape:
+        out = minor(x).reshape(2, 4, -1).transpose(0, 1).sin().sum((1, 2))
+    with pytest.raises(ValueError, match=r"not independent at op F\.conv1d"):
+        tape.per_example_sq_grad_norms(out)
+
+
+class _Transpose01(nn.Module):
+    def forward(self, x):
+        return x.transpose(0, 1)
 
 
 def test_group_size_validation():

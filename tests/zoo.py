@@ -80,6 +80,14 @@ def _timm_mixer():
     return MlpMixer(num_classes=3, img_size=16, patch_size=8, num_blocks=1, embed_dim=8)
 
 
+def _timm_mvitv2():
+    """Pooling attention (convolutions on [N * heads, ...]) with decomposed relative positions
+    (tables indexed by distance, contracted with the queries by torch.einsum)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=8, num_heads=1),
+                         img_size=(32, 32), num_classes=3)
+
+
 def _timm(name, **kw):
     def build():
         import timm
@@ -126,6 +134,10 @@ ZOO = {
     # convolutional patch embedding (conv + BatchNorm, then flatten(2).transpose(1, 2)), a
     # Fourier position encoding tiled over the batch with .repeat, cross-covariance attention
     "timm_xcit": (_timm("xcit_nano_12_p16_224", **_TIMM_VIT), images(s=16)),
+    "timm_mvitv2": (lambda: _timm_mvitv2(), images(s=32)),
+    # a pixel embedding (a convolution) and inner attention on [N * patches, ...] rows
+    "timm_tnt": (_timm("tnt_s_patch16_224", img_size=16, patch_size=8, embed_dim=8, inner_dim=4,
+                       depth=1, num_heads_outer=2, num_heads_inner=1), images(s=16)),
     "timm_pvt_v2": (_timm("pvt_v2_b0", embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1),
                           num_heads=(1, 1, 1, 1)), images(s=32)),  # spatial-reduction attention
     # BatchNorm1d (eval) on [N*T, C] token rows after each linear, attention biases
