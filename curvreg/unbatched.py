@@ -320,9 +320,12 @@ class Unbatched:
             return None
         with torch._C.DisableTorchFunction():
             rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
-            x = call.args[0]
-            _repoint(call, rep, x.reshape((1,) * pad + tuple(x.shape)).expand(
-                n, *([-1] * (x.dim() + pad - 1))))
+            if not call.args:  # p.expand(T, ...): the shift's rule reads the delta alone
+                _repoint(call, rep, None)
+            else:
+                x = call.args[0]
+                _repoint(call, rep, x.reshape((1,) * pad + tuple(x.shape)).expand(
+                    n, *([-1] * (x.dim() + pad - 1))))
         del self.outputs[id(t)]
         return rep
 
@@ -382,9 +385,10 @@ def _batched(size: int, n: int) -> bool:
     return size > 0 and size % n == 0
 
 
-def _repoint(call, rep: Tensor, x: Tensor) -> None:
-    """Make ``call`` read its input as ``x`` and its output delta at ``rep`` (its old output
-    edge kept as ``origin`` for the delta pass's check)."""
-    call.args = (x,) + tuple(call.args[1:])
+def _repoint(call, rep: Tensor, x: Optional[Tensor]) -> None:
+    """Make ``call`` read its input as ``x`` (None: it has none) and its output delta at ``rep``
+    (its old output edge kept as ``origin`` for the delta pass's check)."""
+    if x is not None:
+        call.args = (x,) + tuple(call.args[1:])
     call.origin = call.edges[0]
     call.edges = [get_gradient_edge(rep)]

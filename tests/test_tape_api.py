@@ -521,6 +521,36 @@ def test_a_function_of_parameters_returned_by_the_model():
             tape.per_example_sq_grad_norms(loss(out, y))
 
 
+class _ExpandedShift(nn.Module):
+    """A parameter expanded and combined with the tokens [N, T, 4]: a [d] one to [N, 1, d] and
+    joined to them (``token``, CLIP's class embedding: the loop takes it), a [d] one to [T, d]
+    (``positions``: a function of the parameter alone, met in the sum), a [1, d] one to [T, d]
+    (``row``: the expand rule's output without an example dimension, met in the sum)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.p = mode, nn.Parameter(torch.randn(1, 4) if mode == "row" else torch.randn(4))
+        self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # [N, T, 3]
+        h = self.lin(x)
+        if self.mode == "token":
+            h = torch.cat([self.p.expand(h.shape[0], 1, -1), h], 1)
+        else:
+            h = h + self.p.expand(h.shape[1], 4)
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["token", "positions", "row"])
+def test_a_parameter_expanded_over_positions_or_the_batch(mode):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        tape, _ = exact_against_loop(_ExpandedShift(mode).double(), x, y)
+    assert tape.methods["<root>"] == ("fallback" if mode == "token" else "exact")
+
+
 def test_torch_compile_refused():
     with pytest.raises(TypeError, match="torch.compile"):
         curvreg.GradNormTape(torch.compile(nn.Linear(3, 2)))
