@@ -83,8 +83,7 @@ class DerivedUses:
         """For ``F.linear(x, W, b)`` or ``x + b`` with b a recorded join as long as x's last
         dim, the same computation piece by piece (to run under the tape's op mode), else None."""
         if func is F.linear:
-            x, w, b = (*args, None, None, None)[:3]
-            x, w, b = kwargs.get("input", x), kwargs.get("weight", w), kwargs.get("bias", b)
+            x, w, b = ops.linear_args(args, kwargs)
             entry = self._get(b)
             if entry is None or entry.pieces is None or not isinstance(x, Tensor):
                 return None

@@ -90,8 +90,13 @@ def _data(x, params) -> bool:
     return isinstance(x, Tensor) and not _tracked(x, params)
 
 
+def linear_args(args, kwargs) -> tuple:
+    """``(input, weight, bias)`` of an ``F.linear`` call, by position or keyword."""
+    return _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+
+
 def _linear(args, kwargs, params):
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    x, w, b = linear_args(args, kwargs)
     names = _names({"weight": w, "bias": b}, params)
     if not names or not _data(x, params) or not isinstance(w, Tensor) or w.dim() != 2 or x.dim() < 1:
         return None
@@ -428,7 +433,7 @@ MATCHERS = {
 
 
 # x @ W.T with a parameter W [out, in] is F.linear(x, W): the tape runs it as that
-# (``Recording._as_linear``), so the Linear rule and the fused path take it
+# (``derived.DerivedUses.as_linear``), so the Linear rule and the fused path take it
 MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
 
 

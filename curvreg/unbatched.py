@@ -42,6 +42,8 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
+from . import ops
+
 # ops at which an output is expanded where it meets batched data (``Unbatched.broadcast``)
 BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
@@ -137,8 +139,7 @@ class Unbatched:
         Swin-V2's q, k, v bias, cloned with its key part zeroed), the same computation as
         ``F.linear(x, W) + b`` (to run under the tape's op mode, where the sum meets the batch),
         else None."""
-        x, w, b = (*args, None, None, None)[:3]
-        x, w, b = kwargs.get("input", x), kwargs.get("weight", w), kwargs.get("bias", b)
+        x, w, b = ops.linear_args(args, kwargs)
         if not self.holds((b,)) or not isinstance(x, Tensor):
             return None
         return lambda: F.linear(x, w) + b
@@ -319,13 +320,9 @@ class Unbatched:
         if call is None or pad not in (0, 1) or (pad == 0 and t.shape[0] != 1):
             return None
         with torch._C.DisableTorchFunction():
-            rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
-            if not call.args:  # p.expand(T, ...): the shift's rule reads the delta alone
-                _repoint(call, rep, None)
-            else:
-                x = call.args[0]
-                _repoint(call, rep, x.reshape((1,) * pad + tuple(x.shape)).expand(
-                    n, *([-1] * (x.dim() + pad - 1))))
+            rep = _to_batch(t, pad, n)
+            # p.expand(T, ...) has no input: the shift's rule reads the delta alone
+            _repoint(call, rep, _to_batch(call.args[0], pad, n) if call.args else None)
         del self.outputs[id(t)]
         return rep
 
@@ -337,7 +334,7 @@ class Unbatched:
         if pad < 0 or (pad == 0 and t.shape[0] != 1):
             return None
         with torch._C.DisableTorchFunction():
-            rep = t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (dim - 1)))
+            rep = _to_batch(t, pad, n)
             self.meetings.append(self.meet(t, rep, list(params.values())))
         return rep
 
@@ -356,9 +353,8 @@ class Unbatched:
             if call is None or not call.position_wise:
                 return None
             with torch._C.DisableTorchFunction():
-                rep = t.unsqueeze(0).expand(n, *t.shape)
-                x = call.args[0]
-                _repoint(call, rep, x.unsqueeze(0).expand(n, *x.shape))
+                rep = _to_batch(t, 1, n)
+                _repoint(call, rep, _to_batch(call.args[0], 1, n))
             del self.outputs[id(t)]
             self.roots[id(t)] = (t, rep)
 
@@ -377,6 +373,12 @@ class Unbatched:
             return None
         call = entry[0]
         return call if call.origin is None and len(call.edges) == 1 else None
+
+
+def _to_batch(t: Tensor, pad: int, n: int) -> Tensor:
+    """t with ``pad`` leading dims of 1 added, the first of them (or t's own leading 1, for
+    ``pad`` 0) expanded to ``n``: the same values for every example."""
+    return t.reshape((1,) * pad + tuple(t.shape)).expand(n, *([-1] * (t.dim() + pad - 1)))
 
 
 def _batched(size: int, n: int) -> bool:
