@@ -1,4 +1,5 @@
-"""Weight-standardized convolutions (timm's StdConv2d, ScaledStdConv2d) on their own rule:
+"""Weight-standardized convolutions (timm's StdConv2d, ScaledStdConv2d, Hugging Face's
+WeightStandardizedConv2d) on their own rule:
 norms and penalty gradients against the batch-size-1 loop in float64, per example and per
 group, through both of the rule's forms (ghost norm; materialized gradients when a module is
 called twice), and the forward check that refuses a class whose forward changed."""
@@ -63,18 +64,24 @@ class _Twice(nn.Module):
     """One ScaledStdConv2d applied twice: its parameters' per-example gradients of the two calls
     are summed before squaring, through the rule's materialized ``grads``."""
 
-    def __init__(self):
+    def __init__(self, conv=None):
         super().__init__()
-        self.conv = timm_layers.ScaledStdConv2d(3, 3, 3, padding=1)
+        self.conv = conv if conv is not None else timm_layers.ScaledStdConv2d(3, 3, 3, padding=1)
         self.head = nn.Linear(3, 2)
 
     def forward(self, x):
         return self.head(self.conv(torch.tanh(self.conv(x))).mean((2, 3)))
 
 
-def test_a_std_conv_called_twice_sums_its_gradients_before_squaring():
+def _hf_std_conv(*args, **kwargs):
+    bit = pytest.importorskip("transformers.models.bit.modeling_bit")
+    return bit.WeightStandardizedConv2d(*args, **kwargs)
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_a_std_conv_called_twice_sums_its_gradients_before_squaring(hf):
     torch.manual_seed(1)
-    model = _Twice().double()
+    model = _Twice(_hf_std_conv(3, 3, 3, stride=2, padding="SAME", eps=1e-8) if hf else None).double()
     x, y = torch.randn(3, 3, 6, 6, dtype=torch.float64), torch.randint(0, 2, (3,))
     with curvreg.GradNormTape(model) as tape:
         out = model(x)
@@ -116,3 +123,23 @@ def test_a_std_conv_output_modified_in_place_is_recomputed_not_read():
     assert tape.recording.calls[0].output is None  # modified by the in-place ReLU
     sq = tape.per_example_sq_grad_norms(ce(out, y))
     assert rel_err(sq, loop_sq_grad_norms(model, ce, x, y)) < 1e-10
+
+
+def test_hugging_face_weight_standardized_convs_with_their_padding_are_exact():
+    """transformers' WeightStandardizedConv2d (BiT): 'SAME' padding with stride 2 pads the input
+    in a module of its own (DynamicPad2d) before the convolution; the rule sees the padded input."""
+    torch.manual_seed(3)
+    model = nn.Sequential(_hf_std_conv(3, 4, 3, stride=2, padding="SAME", eps=1e-8),
+                          nn.Tanh(), _hf_std_conv(4, 4, 3, groups=2, bias=True),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    assert model[0].pad is not None and model[2].pad is None
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (3,))
+    with curvreg.GradNormTape(model) as tape:
+        out = model(x)
+    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    assert tape.methods == {"0": "exact", "2": "exact", "5": "exact"}
+    ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
+    assert rel_err(sq, ref) < 1e-10
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(sq.mean(), params), torch.autograd.grad(ref.mean(), params)):
+        assert rel_err(a, b) < 1e-10

@@ -1,5 +1,6 @@
 """Rule for weight-standardized convolutions: timm's ``StdConv2d`` (BiT ResNet-V2) and
-``ScaledStdConv2d`` (NF-nets), which convolve with a weight standardized per output channel.
+``ScaledStdConv2d`` (NF-nets), and Hugging Face's ``WeightStandardizedConv2d`` (BiT, ViT
+hybrid), which convolve with a weight standardized per output channel.
 
 Per output channel c, with v = V_c (n = C_in/g * K entries), mu its mean, s^2 its (biased)
 variance, r = (s^2 + eps)^-1/2, w_hat = (v - mu) r and the applied weight W_c = gamma_c w_hat
@@ -14,13 +15,13 @@ with z = conv(x, w_hat). sum_c (gamma_c r)^2 ||G_c||^2 is the convolution rule's
 channels scaled by gamma_c r, so nothing per-example is materialized. Every step is a
 differentiable op of (x, delta, V, gain), so double backprop is exact.
 
-The rule is keyed by these two exact classes (found by module and name, without importing
-timm), and checks once per module that the module's forward is the convolution it models.
+The rule is keyed by these exact classes (found by module and name, without importing timm or
+transformers), and checks once per module that the module's forward is the convolution it models.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Sequence
+from typing import Dict, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +29,19 @@ from torch import Tensor, nn
 from ._base import LayerRule, sum_groups
 from .conv import CONV, _operands, conv_sq_norms, per_example_weight_grads
 
-# (module, class name) -> whether the class has a ``gain`` parameter
-CLASSES = {("timm.layers.std_conv", "StdConv2d"): False,
-           ("timm.layers.std_conv", "ScaledStdConv2d"): True}
+
+
+class Layout(NamedTuple):
+    """How a weight-standardized convolution class differs from ``nn.Conv2d``."""
+    gain: bool  # a ``gain`` parameter (and a ``scale``): the weight is gain * scale * w_hat
+    pad: bool   # a ``pad`` attribute: a padding module (or None) run on the input first
+
+
+# (module, class name) -> its layout
+CLASSES = {("timm.layers.std_conv", "StdConv2d"): Layout(gain=False, pad=False),
+           ("timm.layers.std_conv", "ScaledStdConv2d"): Layout(gain=True, pad=False),
+           ("transformers.models.bit.modeling_bit", "WeightStandardizedConv2d"):
+               Layout(gain=False, pad=True)}
 
 _VERIFIED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -56,17 +67,25 @@ def _standardized(layer: nn.Module):
     var = (v - mu).pow(2).mean(1)
     r = (var + layer.eps).rsqrt()
     w_hat = (v - mu) * r[:, None]
-    gamma = (layer.gain.flatten() * layer.scale) if CLASSES[_key(layer)] else torch.ones_like(r)
+    gamma = (layer.gain.flatten() * layer.scale) if CLASSES[_key(layer)].gain else torch.ones_like(r)
     return w_hat, gamma, r, var * r * r
 
 
+def _padded(layer: nn.Module, x: Tensor) -> Tensor:
+    """The input the convolution itself sees: x through the layer's padding module, if any."""
+    pad = getattr(layer, "pad", None) if CLASSES[_key(layer)].pad else None
+    return x if pad is None else pad(x)
+
+
 def _check_forward(layer: nn.Module, x: Tensor, w_hat: Tensor, gamma: Tensor) -> None:
-    """Once per module: its forward equals conv(x, gamma w_hat) + b (else a changed class)."""
+    """Once per module: its forward on the module's input ``x`` equals conv(x, gamma w_hat) + b
+    (else a changed class)."""
     if layer in _VERIFIED:
         return
     with torch.no_grad(), torch._C.DisableTorchFunction():
         got = type(layer).forward(layer, x)
-        want = _conv(layer, x, (w_hat * gamma[:, None]).reshape_as(layer.weight), layer.bias)
+        want = _conv(layer, _padded(layer, x), (w_hat * gamma[:, None]).reshape_as(layer.weight),
+                     layer.bias)
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max().clamp_min(1e-30))):
         raise ValueError(
             f"{type(layer).__name__}'s forward is not the weight-standardized convolution "
@@ -99,8 +118,9 @@ def _moments(layer, inputs, delta, group):
     x, y = inputs[0], inputs[-1] if len(inputs) > 1 else None
     w_hat, gamma, r, kappa = _standardized(layer)
     _check_forward(layer, x, w_hat, gamma)
+    x = _padded(layer, x)
     d = delta.flatten(2)  # [N, C, L]
-    if y is None or CLASSES[_key(layer)]:
+    if y is None or CLASSES[_key(layer)].gain:
         z = _conv(layer, x, w_hat.reshape_as(layer.weight)).flatten(2)
     else:
         z = y.flatten(2) if layer.bias is None else y.flatten(2) - layer.bias[:, None]
@@ -123,7 +143,7 @@ def std_conv_sq_norms(layer: nn.Module, inputs: Sequence, grad_output: Tensor,
         a = gamma * r
         n = layer.weight[0].numel()
         scaled = grad_output * a.reshape(1, -1, *[1] * (grad_output.dim() - 2))
-        out = out + conv_sq_norms(layer, inputs[:1], scaled, ["weight"], group)
+        out = out + conv_sq_norms(layer, [_padded(layer, inputs[0])], scaled, ["weight"], group)
         out = out - (a.pow(2) * (s1.pow(2) + (2 - kappa) * s2.pow(2))).sum(1) / n
     return out
 
@@ -137,7 +157,8 @@ def std_conv_grads(layer: nn.Module, inputs: Sequence, grad_output: Tensor,
         return grads
     w_hat, gamma, r, _ = _standardized(layer)
     _check_forward(layer, inputs[0], w_hat, gamma)
-    G = per_example_weight_grads(layer, inputs[0], grad_output, group).flatten(2)  # [G, C, n]
+    G = per_example_weight_grads(layer, _padded(layer, inputs[0]), grad_output,
+                                 group).flatten(2)  # [G, C, n]
     s2 = (G * w_hat).sum(2)  # <G_c, w_hat_c>
     if "gain" in names:
         grads["gain"] = (layer.scale * s2).reshape(G.shape[0], *layer.gain.shape)
