@@ -407,7 +407,8 @@ def _expand(args, kwargs, params):
         shape = p.expand(*sizes).shape
     except (RuntimeError, TypeError):
         return None
-    if p.dim() != len(shape) or p.dim() == 0 or p.shape[0] != 1 or shape[0] <= 1:
+    padded = (1,) * (len(shape) - p.dim()) + tuple(p.shape)  # p [d] as [1, 1, d] of [N, 1, d]
+    if p.dim() == 0 or len(padded) != len(shape) or padded[0] != 1 or shape[0] <= 1:
         return None
     return OpUse("expand", ElementwiseAffine("add", p, shape), (), ("weight",), False)
 

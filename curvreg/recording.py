@@ -532,9 +532,13 @@ class Recording:
         used += [p for p in views.values() if all(p is not a for a in used)]
         module = self._stack[-1][0] if self._stack else None
         ruled = module is None or type(module) not in self.module_rules
+        # p.expand(...) starts a function of parameters alone although a rule covers it: whether
+        # its leading dim is the batch (a class token joined to the tokens) or positions (added
+        # to them, T = N included) is known where it meets the batch; unmet, the rule call stands
+        rule_alone = lambda: (ruled and func is not Tensor.expand  # noqa: E731
+                              and ops.match(func, args, kwargs, self.params) is not None)
         chain = (bool(used) or bool(self.unbatched)) and self.unbatched.chain(
-            args, kwargs, used, lambda: ruled and ops.match(func, args, kwargs, self.params) is not None,
-            func in unbatched.VIEW_CHAIN, out)
+            args, kwargs, used, rule_alone, func in unbatched.VIEW_CHAIN, out)
         if not used:
             return
         self._seen.update(id(a) for a in used)

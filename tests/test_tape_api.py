@@ -523,9 +523,10 @@ def test_a_function_of_parameters_returned_by_the_model():
 
 class _ExpandedShift(nn.Module):
     """A parameter expanded and combined with the tokens [N, T, 4]: a [d] one to [N, 1, d] and
-    joined to them (``token``, CLIP's class embedding: the loop takes it), a [d] one to [T, d]
-    (``positions``: a function of the parameter alone, met in the sum), a [1, d] one to [T, d]
-    (``row``: the expand rule's output without an example dimension, met in the sum)."""
+    joined to them (``token``, CLIP's class embedding; ``scaled``, the same doubled first), a [d]
+    one to [T, d] (``positions``) and a [1, d] one to [T, d] (``row``), both added to them. At
+    T = N only the op that meets the batch (the join or the broadcasting sum) tells the two
+    readings of the expansion's leading dim apart."""
 
     def __init__(self, mode):
         super().__init__()
@@ -534,21 +535,21 @@ class _ExpandedShift(nn.Module):
 
     def forward(self, x):  # [N, T, 3]
         h = self.lin(x)
-        if self.mode == "token":
-            h = torch.cat([self.p.expand(h.shape[0], 1, -1), h], 1)
+        if self.mode in ("token", "scaled"):
+            token = self.p.expand(h.shape[0], 1, -1)
+            h = torch.cat([2 * token if self.mode == "scaled" else token, h], 1)
         else:
             h = h + self.p.expand(h.shape[1], 4)
         return self.head(torch.tanh(h).mean(1))
 
 
-@pytest.mark.parametrize("mode", ["token", "positions", "row"])
-def test_a_parameter_expanded_over_positions_or_the_batch(mode):
+@pytest.mark.parametrize("t", [3, 5])  # T = N and T != N
+@pytest.mark.parametrize("mode", ["token", "scaled", "positions", "row"])
+def test_a_parameter_expanded_over_positions_or_the_batch(mode, t):
     torch.manual_seed(0)
-    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", curvreg.FallbackWarning)
-        tape, _ = exact_against_loop(_ExpandedShift(mode).double(), x, y)
-    assert tape.methods["<root>"] == ("fallback" if mode == "token" else "exact")
+    x, y = torch.randn(3, t, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    tape, _ = exact_against_loop(_ExpandedShift(mode).double(), x, y)
+    assert tape.methods["<root>"] == "exact"
 
 
 def test_torch_compile_refused():
