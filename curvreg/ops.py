@@ -413,6 +413,30 @@ def _expand(args, kwargs, params):
     return OpUse("expand", ElementwiseAffine("add", p, shape), (), ("weight",), False)
 
 
+ADDCMUL = frozenset({torch.addcmul, Tensor.addcmul})
+_ADDCMUL_ARGS = ("input", "tensor1", "tensor2", "value")
+
+
+def addcmul_parts(args, kwargs, tracked):
+    """For ``torch.addcmul(input, t1, t2, value=v)`` = input + v * t1 * t2 with a parameter (or a
+    recorded view of one: ``tracked``) as the input or as one factor times data (ConvNeXt-V2's
+    global response norm, ``addcmul(b, w, x * n)``), the same computation as a broadcast product
+    and sum, which the elementwise rules take (run under the tape's op mode), else None. The
+    rounding may differ from the fused kernel's in the last bit."""
+    if len(args) + len(kwargs) > 4 or any(k not in _ADDCMUL_ARGS for k in kwargs):
+        return None
+    a, t1, t2, value = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "tensor1"),
+                        _arg(args, kwargs, 2, "tensor2"), _arg(args, kwargs, 3, "value", 1))
+    if not all(isinstance(t, Tensor) for t in (a, t1, t2)) or isinstance(value, Tensor):
+        return None
+    if tracked(t1) and tracked(t2):
+        return None
+    p, x = (t1, t2) if tracked(t1) else (t2, t1)
+    if not tracked(p) and not tracked(a):
+        return None
+    return lambda: a + p * (x if value == 1 else x * value)
+
+
 _ELEMENTWISE = _MUL | _ADD
 
 MATCHERS = {

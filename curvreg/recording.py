@@ -139,6 +139,9 @@ class _UsageMode(TorchFunctionMode):
             elif (func in unbatched.TILING
                   and (rep := rec.unbatched.tile(func, args, kwargs, rec.n)) is not None):
                 return rep.contiguous() if func is Tensor.repeat else rep
+        if func in ops.ADDCMUL and (thunk := ops.addcmul_parts(args, kwargs, rec.tracked)):
+            with self:  # re-enter: the product and the sum are recorded as rule ops
+                return thunk()
         if rec.derived:  # x @ W.T as F.linear; a bias joined by torch.cat piece by piece
             if func in ops.MATMULS and (linear := rec.derived.as_linear(args, kwargs)):
                 func, args, kwargs = F.linear, linear, {}
@@ -476,6 +479,15 @@ class Recording:
                 self.calls.append(Call(shell, self._where(), (xhat,), None, out, names, True,
                                        op="F.batch_norm (batch statistics)"))
         return out
+
+    def tracked(self, t) -> bool:
+        """Whether t is a parameter the tape tracks or a recorded view of one."""
+        if not isinstance(t, Tensor):
+            return False
+        if isinstance(t, nn.Parameter):
+            return id(t) in self.params
+        entry = self.views.get(id(t))
+        return entry is not None and entry[0] is t
 
     def taint(self, args, kwargs, out) -> None:
         """Outputs without gradient of an op on the model's inputs or on tensors with one are

@@ -1084,3 +1084,45 @@ def test_the_independence_check_is_not_fooled_by_a_diverged_model():
         out = model(x)
     sq = tape.per_example_sq_grad_norms(F.cross_entropy(out, y, reduction="none"))
     assert sq.shape == (5,) and not torch.isfinite(sq).all()
+
+
+class _AddCMul(nn.Module):
+    """torch.addcmul with parameters: ConvNeXt-V2's global response norm (``grn``: views of a
+    shift and a scale, the scale times data), a scale with a value (``scaled``), a shift alone
+    (``shift``), the method form with the scale second (``method``), each with the other
+    parameter as a plain scale or shift, and both factors parameters (``both``: not rewritten,
+    the loop takes it)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.lin = mode, nn.Linear(3, 4)
+        self.w, self.b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):  # [N, T, 3]
+        h = torch.tanh(self.lin(x))
+        if self.mode == "grn":
+            n = h / (h.norm(dim=1, keepdim=True).mean(-1, keepdim=True) + 1e-6)
+            h = h + torch.addcmul(self.b.view(1, 1, 4), self.w.view(1, 1, 4), h * n)
+        elif self.mode == "scaled":
+            h = torch.addcmul(h, self.w, h, value=0.5) * self.b
+        elif self.mode == "shift":
+            h = torch.addcmul(self.b, h, h) * self.w
+        elif self.mode == "method":
+            h = h.addcmul(h.exp(), self.w) + self.b
+        else:
+            h = torch.addcmul(h, self.w, self.b)
+        return torch.tanh(h).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["grn", "scaled", "shift", "method", "both"])
+def test_addcmul_with_parameters_takes_the_elementwise_rules(mode):
+    torch.manual_seed(0)
+    model = _AddCMul(mode).double()
+    x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        tape, _ = exact_against_loop(model, x, y)
+        with curvreg.GradNormTape(model):
+            taped = model(x)
+    assert torch.allclose(taped, model(x), rtol=1e-14, atol=0)  # the model's values unchanged
+    assert tape.methods["<root>"] == ("fallback" if mode == "both" else "exact")
