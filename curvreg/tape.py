@@ -469,6 +469,13 @@ def _check_leading(c: Call, delta: Tensor, n: int, dim: int = 0) -> None:
     size = delta.shape[dim] if delta.dim() > dim else None
     if size == n or (c.op is not None and size and size % n == 0):
         return
+    if isinstance(c.module, nn.utils.parametrize.ParametrizationList):
+        raise ValueError(
+            f"{c.where} computes a parameter from parameters alone (torch.nn.utils.parametrize, "
+            "e.g. weight_norm) for an op no rule takes with such a weight; its per-example "
+            "gradients cannot be computed exactly here. Remove the parametrization "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, name)) or freeze its "
+            "parameters (requires_grad_(False)).")
     merged = " (an op may merge examples with another axis, example-major)" if c.op is not None else ""
     raise ValueError(f"{c.where} produced an output with dim {dim} of size {size}, not the batch "
                      f"size {n}; keep the example dimension first and unmerged{merged}. A "

@@ -1126,3 +1126,31 @@ def test_addcmul_with_parameters_takes_the_elementwise_rules(mode):
             taped = model(x)
     assert torch.allclose(taped, model(x), rtol=1e-14, atol=0)  # the model's values unchanged
     assert tape.methods["<root>"] == ("fallback" if mode == "both" else "exact")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_weight_under_a_parametrization_refused_and_exact_once_removed(kind):
+    """weight_norm (torch.nn.utils.parametrize) computes the layer's weight from parameters
+    alone: refused with a message that names the module and the way out, which is exact."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3)).double()
+        x = torch.randn(3, 3, dtype=torch.double)
+    else:
+        model = nn.Sequential(weight_norm(nn.Conv1d(2, 4, 3), dim=2), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(16, 3)).double()
+        x = torch.randn(3, 2, 6, dtype=torch.double)
+    y = torch.tensor([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        with pytest.raises(ValueError, match=r"module '0\.parametrizations\.weight' "
+                                             r"\(ParametrizationList\) computes a parameter from "
+                                             r"parameters alone.*remove_parametrizations"):
+            tape.per_example_sq_grad_norms(ce(out, y))
+    parametrize.remove_parametrizations(model[0], "weight")
+    tape, _ = exact_against_loop(model, x, y)
+    assert tape.methods["0"] == "exact"

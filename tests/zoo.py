@@ -119,6 +119,9 @@ ZOO = {
     # logit scale, a q, k, v bias cloned with its key part zeroed: functions of parameters alone
     "tv_swin_v2": (_tv_swin_v2, images(s=16)),
     "tv_shufflenet": (_tv("shufflenet_v2_x0_5"), images(s=16)),
+    "tv_efficientnet": (_tv("efficientnet_b0"), images(s=16)),  # squeeze-excitation, SiLU
+    "tv_densenet": (_tv("densenet121"), images(s=32)),  # concatenated features, eval BatchNorm
+    "tv_regnet": (_tv("regnet_y_400mf"), images(s=16)),
     # timm
     "timm_resnet18": (_timm("resnet18"), images(s=16)),
     "timm_resnetv2_bit": (lambda: _timm_bit(), images(s=16)),
@@ -151,6 +154,10 @@ ZOO = {
                            depths=(2, 1), num_heads=(1, 2), window_size=2), images(s=16)),
     "timm_mobilenetv3": (_timm("mobilenetv3_small_050"), images(s=16)),
     "timm_regnet": (_timm("regnetx_002"), images(s=16)),
+    # global response norm: torch.addcmul(bias view, weight view, x * n)
+    "timm_convnextv2": (_timm("convnextv2_atto", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)),
+                        images(s=32)),
+    "timm_repvgg": (_timm("repvgg_a0"), images(s=32)),  # parallel 3x3, 1x1 and identity branches
     # Hugging Face transformers
     "hf_bert": (_hf("BertConfig", "BertForSequenceClassification", **_BERT), ids()),
     "hf_distilbert": (_hf("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=40,
@@ -197,6 +204,45 @@ ZOO = {
                   d_ff=16, num_layers=2, num_decoder_layers=2, num_heads=2,
                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
               lambda n: torch.cat([torch.randint(3, 40, (n, 5)), torch.full((n, 1), 1)], 1)),
+    "hf_electra": (_hf("ElectraConfig", "ElectraForSequenceClassification", embedding_size=4,
+                       **_BERT), ids()),  # embeddings projected to the hidden size
+    "hf_mistral": (_hf("MistralConfig", "MistralForSequenceClassification", vocab_size=40,
+                       hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=0), ids()),
+    "hf_phi": (_hf("PhiConfig", "PhiForSequenceClassification", vocab_size=40, hidden_size=8,
+                   intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   pad_token_id=0), ids()),  # partial rotary embedding, parallel attention and MLP
+    "hf_gpt_neox": (_hf("GPTNeoXConfig", "GPTNeoXForSequenceClassification", vocab_size=40,
+                        hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, pad_token_id=0), ids()),
+    "hf_bloom": (_hf("BloomConfig", "BloomForSequenceClassification", vocab_size=40, hidden_size=8,
+                     n_layer=1, n_head=2, pad_token_id=0), ids()),  # ALiBi, a custom GELU Function
+    # class embedding [d].expand(N, 1, -1) joined to the patch tokens
+    "hf_clip": (_hf("CLIPConfig", "CLIPForImageClassification", projection_dim=8,
+                    vision_config=dict(image_size=16, patch_size=8, hidden_size=8,
+                                       intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2),
+                    text_config=dict(vocab_size=40, hidden_size=8, intermediate_size=16,
+                                     num_hidden_layers=1, num_attention_heads=2)), images(s=16)),
+    "hf_dinov2": (_hf("Dinov2Config", "Dinov2ForImageClassification", image_size=16, patch_size=8,
+                      hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2), images(s=16)),  # layer scale, interpolated positions
+    # weight-standardized convolutions with their own padding module ('SAME', stride 2)
+    "hf_bit": (_hf("BitConfig", "BitForImageClassification", hidden_sizes=[8, 8, 8, 8],
+                   depths=[1, 1, 1, 1], embedding_size=8, num_groups=4, global_padding="SAME",
+                   layer_type="bottleneck"), images(s=32)),
+    # its positional convolution's weight under weight_norm (torch.nn.utils.parametrize)
+    "hf_wav2vec2": (_hf("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", hidden_size=8,
+                        intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+                        classifier_proj_size=8), lambda n: torch.randn(n, 400)),
+    "hf_convnextv2": (_hf("ConvNextV2Config", "ConvNextV2ForImageClassification",
+                          hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1]), images(s=32)),
+    "hf_segformer": (_hf("SegformerConfig", "SegformerForImageClassification",
+                         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 8],
+                         num_attention_heads=[1, 2], mlp_ratios=[2, 2], patch_sizes=[3, 3],
+                         strides=[2, 2]), images(s=16)),  # attention on spatially reduced keys
     "hf_mobilevit": (_hf("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                          hidden_sizes=[8, 8, 8], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
                          num_attention_heads=2), images(s=32)),  # patches unfolded into tokens
