@@ -231,12 +231,15 @@ def exact_on_rules_or_refused(model, x, y, refusal):
     assert set(tape.methods.values()) == {"exact"}
 
 
-def exact_against_loop(model, x, y, rtol=1e-10):
+def exact_against_loop(model, x, y, rtol=1e-10, quiet=False):
     """(tape, norms) of a taped forward, after checking the norms and their penalty gradient
-    against the batch-size-1 loop's."""
-    with curvreg.GradNormTape(model) as tape:
-        out = model(x)
-    sq = tape.per_example_sq_grad_norms(ce(out, y))
+    against the batch-size-1 loop's (``quiet``: FallbackWarning silenced)."""
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", curvreg.FallbackWarning)
+        with curvreg.GradNormTape(model) as tape:
+            out = model(x)
+        sq = tape.per_example_sq_grad_norms(ce(out, y))
     ref = loop_sq_grad_norms(model, ce, x, y, create_graph=True)
     assert torch.allclose(sq, ref, rtol=rtol)
     params = list(model.parameters())
@@ -459,9 +462,7 @@ def test_a_function_of_parameters_alone_meeting_the_batch_is_exact(mode):
     torch.manual_seed(0)
     model = _ParamChain(mode).double()
     x, y = torch.randn(3, 4, 3, dtype=torch.double), torch.tensor([0, 1, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", curvreg.FallbackWarning)
-        tape, sq = exact_against_loop(model, x, y)
+    tape, sq = exact_against_loop(model, x, y, quiet=True)
     assert torch.allclose(sq, vmap_sq_grad_norms(model, ce, x, y), rtol=1e-10)
     methods = set(tape.methods.values())
     assert methods == ({"exact", "fallback"} if mode in ("data", "also", "upstream") else {"exact"})
@@ -818,9 +819,7 @@ def test_biases_joined_by_cat_take_the_elementwise_rule_piece_by_piece(use):
     torch.manual_seed(0)
     model = nn.Sequential(_JoinedBias(use), nn.Tanh(), nn.Flatten(), nn.Linear(18, 2)).double()
     x, y = torch.randn(5, 3, 4, dtype=torch.double), torch.tensor([0, 1, 1, 0, 1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", curvreg.FallbackWarning)
-        tape, _ = exact_against_loop(model, x, y, rtol=1e-12)
+    tape, _ = exact_against_loop(model, x, y, rtol=1e-12, quiet=True)
     assert tape.methods["0"] == ("fallback" if use == "only" else "exact")
     with curvreg.GradNormTape(model) as tape:  # the values are the model's
         out = model(x)
@@ -1036,10 +1035,8 @@ class _ShiftedScale(nn.Module):
 def test_a_parameter_through_casts_and_shifts_takes_the_elementwise_rule(mode):
     torch.manual_seed(0)
     x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", curvreg.FallbackWarning)
-        tape, _ = exact_against_loop(_ShiftedScale(mode).double(), x, y,
-                                     rtol=1e-6 if mode == "gemma" else 1e-10)  # float32 scale
+    tape, _ = exact_against_loop(_ShiftedScale(mode).double(), x, y, quiet=True,
+                                 rtol=1e-6 if mode == "gemma" else 1e-10)  # float32 scale
     assert tape.methods["<root>"] == "exact"
 
 
@@ -1119,11 +1116,9 @@ def test_addcmul_with_parameters_takes_the_elementwise_rules(mode):
     torch.manual_seed(0)
     model = _AddCMul(mode).double()
     x, y = torch.randn(3, 5, 3, dtype=torch.double), torch.tensor([0, 1, 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", curvreg.FallbackWarning)
-        tape, _ = exact_against_loop(model, x, y)
-        with curvreg.GradNormTape(model):
-            taped = model(x)
+    tape, _ = exact_against_loop(model, x, y, quiet=True)
+    with curvreg.GradNormTape(model):
+        taped = model(x)
     assert torch.allclose(taped, model(x), rtol=1e-14, atol=0)  # the model's values unchanged
     assert tape.methods["<root>"] == ("fallback" if mode == "both" else "exact")
 
