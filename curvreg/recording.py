@@ -10,6 +10,7 @@ derivative, parameters used by a module they do not belong to. ``stop()`` remove
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -291,9 +292,10 @@ class Recording:
         self.view_parents: Dict[int, Tensor] = {}  # view id -> the view it was made from
         self._view_covered: set = set()  # (id(module), id(param)) of rule-covered view uses
         self.root: Optional[tuple] = None  # (args, kwargs, output) of the model's last call
-        # ids of tensors without gradient made from the model's inputs or from tensors with one
-        # (token ids, masks of activations): not constants of the model (see _batch_free)
-        self.tainted: set = set()
+        # tensors without gradient made from the model's inputs or from tensors with one (token
+        # ids, masks of activations): not constants of the model (see _batch_free). By id, with
+        # a weak reference so that a freed tensor's id, reused by a constant, does not count
+        self.tainted: Dict[int, weakref.ref] = {}
         # (parameter id, refusal) for uses by a module not owning it inside a function of
         # parameters alone: refused by settle_chains unless the function is taken
         self._foreign: List[tuple] = []
@@ -370,7 +372,7 @@ class Recording:
         if module is self.model:
             self._check_batch(args)
             self._enter_root(args)
-            self.tainted.update(id(t) for t in _flat((args, kwargs)) if isinstance(t, Tensor))
+            self._taint(t for t in _flat((args, kwargs)) if isinstance(t, Tensor))
         self._stack.append([module, {}, set()])  # module, names used, names used by chains only
 
     def _enter_root(self, args):
@@ -493,9 +495,16 @@ class Recording:
         """Outputs without gradient of an op on the model's inputs or on tensors with one are
         not constants of the model."""
         outs = [t for t in _flat(out) if isinstance(t, Tensor) and not t.requires_grad]
-        if outs and any(isinstance(t, Tensor) and (t.requires_grad or id(t) in self.tainted)
+        if outs and any(isinstance(t, Tensor) and (t.requires_grad or self._tainted(t))
                         for t in _flat((args, kwargs))):
-            self.tainted.update(id(t) for t in outs)
+            self._taint(outs)
+
+    def _taint(self, tensors) -> None:
+        self.tainted.update((id(t), weakref.ref(t)) for t in tensors)
+
+    def _tainted(self, t: Tensor) -> bool:
+        ref = self.tainted.get(id(t))
+        return ref is not None and ref() is t
 
     def _batch_free(self, args, kwargs) -> bool:
         """Whether an op's data inputs are constants of the model (made without its inputs:
@@ -504,7 +513,7 @@ class Recording:
         an output taken as unbatched is expanded only where it meets the batch, and the
         expansion is checked (origin and independence checks); otherwise it stays as it was."""
         data = list(ops.op_args(args, kwargs, parameters=False))
-        return bool(data) and not any(t.requires_grad or id(t) in self.tainted for t in data)
+        return bool(data) and not any(t.requires_grad or self._tainted(t) for t in data)
 
     def _view_source(self, func, args, kwargs, used, views, out) -> Optional[nn.Parameter]:
         """The parameter whose view ``out`` is (``ops.passes_gradient`` applied to the parameter,

@@ -1149,3 +1149,27 @@ def test_a_weight_under_a_parametrization_refused_and_exact_once_removed(kind):
     parametrize.remove_parametrizations(model[0], "weight")
     tape, _ = exact_against_loop(model, x, y)
     assert tape.methods["0"] == "exact"
+
+
+
+def test_a_freed_input_tensors_id_reused_by_a_constant_is_no_taint():
+    """Tensors made from the model's inputs are tainted (not constants of the model) by id; a
+    constant that gets a freed tainted tensor's id (CPython reuses the memory) is not one."""
+    model = _TokPos().double()
+    ids = torch.randint(0, 9, (5, 5))
+    with curvreg.GradNormTape(model) as tape:
+        model(ids)
+    rec = tape.recording
+    mask = ids > 0
+    rec._taint([mask])
+    assert rec._tainted(mask) and not rec._batch_free((mask,), {})
+    freed, kept = id(mask), []
+    del mask
+    for _ in range(10000):
+        u = torch.zeros(5, 5, dtype=torch.bool)
+        if id(u) == freed:
+            break
+        kept.append(u)  # hold it, so that the next tensor takes other memory
+    else:
+        pytest.skip("no tensor took the freed tensor's id")
+    assert not rec._tainted(u) and rec._batch_free((u,), {})
