@@ -243,6 +243,10 @@ ZOO = {
                          num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 8],
                          num_attention_heads=[1, 2], mlp_ratios=[2, 2], patch_sizes=[3, 3],
                          strides=[2, 2]), images(s=16)),  # attention on spatially reduced keys
+    # position ids from the padding mask, padding rows read by the forward, token dropout
+    "hf_esm": (_hf("EsmConfig", "EsmForSequenceClassification", vocab_size=40, hidden_size=8,
+                   intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                   pad_token_id=1, mask_token_id=2, max_position_embeddings=16), ids()),
     "hf_mobilevit": (_hf("MobileViTConfig", "MobileViTForImageClassification", image_size=32,
                          hidden_sizes=[8, 8, 8], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16],
                          num_attention_heads=2), images(s=32)),  # patches unfolded into tokens
