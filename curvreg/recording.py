@@ -131,7 +131,9 @@ class _UsageMode(TorchFunctionMode):
                     return thunk()
             if func in unbatched.BROADCASTING and len(args) == 2:
                 args = rec.unbatched.broadcast(args, rec.n)
-            elif func in unbatched.MATMULS and len(args) == 2 and not kwargs:
+            # batched products broadcast their leading dims the same way (DeBERTa's
+            # ``query @ pos_key.transpose(-1, -2)`` with pos_key [1, heads, 2k, d])
+            elif func in ops.MATMULS and len(args) == 2 and not kwargs:
                 args = rec.unbatched.broadcast(args, rec.n, matmul=True)
             elif func is torch.einsum:
                 args = rec.unbatched.einsum(args, kwargs, rec.n)

@@ -47,9 +47,6 @@ from . import ops
 # ops at which an output is expanded where it meets batched data (``Unbatched.broadcast``)
 BROADCASTING = frozenset({torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__,
                           Tensor.add_, torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__})
-# batched products, which broadcast their leading dims the same way (DeBERTa's
-# ``query @ pos_key.transpose(-1, -2)`` with pos_key [1, heads, 2k, d])
-MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
 
 # ops that tile an output over the batch (``Unbatched.tile``)
 TILING = frozenset({Tensor.expand, Tensor.repeat})

@@ -30,7 +30,6 @@ from ._base import LayerRule, sum_groups
 from .conv import CONV, _operands, conv_sq_norms, per_example_weight_grads
 
 
-
 class Layout(NamedTuple):
     """How a weight-standardized convolution class differs from ``nn.Conv2d``."""
     gain: bool  # a ``gain`` parameter (and a ``scale``): the weight is gain * scale * w_hat
@@ -111,14 +110,14 @@ def _patch_sums(layer: nn.Module, x: Tensor, c_out: int) -> Tensor:
     return s.flatten(2).repeat_interleave(c_out // g, dim=1)
 
 
-def _moments(layer, inputs, delta, group):
-    """Per group: S1 and S2 ``[G, C]`` and the standardization's (w_hat, gamma, r, kappa).
-    z = conv(x, w_hat) is read off the call's output y = z + b where gamma is 1 (StdConv2d);
-    with a gain (which may be 0), or an output modified in place, it is recomputed."""
-    x, y = inputs[0], inputs[-1] if len(inputs) > 1 else None
+def _moments(layer, inputs, x, delta, group):
+    """Per group: S1 and S2 ``[G, C]`` and the standardization's (w_hat, gamma, r, kappa), with
+    ``x`` the convolution's own (padded) input. z = conv(x, w_hat) is read off the call's output
+    y = z + b where gamma is 1 (StdConv2d); with a gain (which may be 0), or an output modified
+    in place, it is recomputed."""
+    y = inputs[-1] if len(inputs) > 1 else None
     w_hat, gamma, r, kappa = _standardized(layer)
-    _check_forward(layer, x, w_hat, gamma)
-    x = _padded(layer, x)
+    _check_forward(layer, inputs[0], w_hat, gamma)
     d = delta.flatten(2)  # [N, C, L]
     if y is None or CLASSES[_key(layer)].gain:
         z = _conv(layer, x, w_hat.reshape_as(layer.weight)).flatten(2)
@@ -136,14 +135,15 @@ def std_conv_sq_norms(layer: nn.Module, inputs: Sequence, grad_output: Tensor,
         out = out + sum_groups(grad_output.flatten(2).sum(2), group).pow(2).sum(1)
     if "weight" not in names and "gain" not in names:
         return out
-    s1, s2, (_, gamma, r, kappa) = _moments(layer, inputs, grad_output, group)
+    x = _padded(layer, inputs[0])
+    s1, s2, (_, gamma, r, kappa) = _moments(layer, inputs, x, grad_output, group)
     if "gain" in names:
         out = out + layer.scale ** 2 * s2.pow(2).sum(1)
     if "weight" in names:
         a = gamma * r
         n = layer.weight[0].numel()
         scaled = grad_output * a.reshape(1, -1, *[1] * (grad_output.dim() - 2))
-        out = out + conv_sq_norms(layer, [_padded(layer, inputs[0])], scaled, ["weight"], group)
+        out = out + conv_sq_norms(layer, [x], scaled, ["weight"], group)
         out = out - (a.pow(2) * (s1.pow(2) + (2 - kappa) * s2.pow(2))).sum(1) / n
     return out
 
